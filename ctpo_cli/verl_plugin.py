@@ -1,0 +1,134 @@
+"""The one place verl reaches ctpo: registers our losses in verl's policy-loss registry.
+
+verl imports every module of the ``verl.plugins`` entry-point group on ``import verl``, in every
+process (driver and Ray workers), so this module runs wherever a verl actor computes a loss.
+
+* Each method of :mod:`ctpo_cli.losses` is registered as ``ctpo/<name>`` (``ctpo/grpo``,
+  ``ctpo/gspo``, ``ctpo/ctpo``, ``ctpo/ctpo-fixed``, ``ctpo/seq-is``): select one with
+  ``actor_rollout_ref.actor.policy_loss.loss_mode=ctpo/ctpo``.
+* Hyperparameters reach the worker through :class:`CTPOPolicyLossConfig`, a subclass of verl's
+  frozen ``PolicyLossConfig`` with our fields. Route (verified against verl 0.9.1)::
+
+      actor_rollout_ref.actor.policy_loss._target_=ctpo_cli.verl_plugin.CTPOPolicyLossConfig
+      +actor_rollout_ref.actor.policy_loss.ctpo_clip_low=0.025   # ... and the other ctpo_* fields
+
+  verl's ``omega_conf_to_dataclass`` then builds the subclass, and the loss reads
+  ``config.policy_loss.ctpo_*``. PPO bounds stay verl's own ``actor.clip_ratio_low/high/c``.
+* Per-position diagnostics: when ``policy_loss.ctpo_diagnostics_dir`` is set, the first loss call
+  in a worker activates a :class:`~ctpo_cli.diagnostics.PositionStats` there; a process-wide
+  optimizer-step hook (``torch.optim.Optimizer`` global post hook) marks mini-batch ends and flushes
+  a file every ``ctpo_minibatches_per_step`` optimizer steps, i.e. once per training step.
+
+verl logs a plugin that fails to import at DEBUG level only; this module instead prints the error
+to stderr with its traceback before re-raising, and :func:`check_registered` lets the launcher fail
+early in the driver.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "ctpo/"
+
+try:
+    import torch
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
+    from verl.workers.config.actor import PolicyLossConfig
+
+    from ctpo_cli import diagnostics
+    from ctpo_cli.losses import METHODS, Metrics, get_policy_loss
+except Exception:  # pragma: no cover - exercised by the loud-failure test in a subprocess
+    sys.stderr.write(
+        "ctpo: the verl plugin ctpo_cli.verl_plugin failed to import; ctpo/* losses are NOT registered:\n"
+        + traceback.format_exc()
+    )
+    raise
+
+
+@dataclass
+class CTPOPolicyLossConfig(PolicyLossConfig):
+    """verl's PolicyLossConfig plus ctpo's fields (None = the method's default, see ``ctpo methods``).
+
+    Args:
+        ctpo_clip_low: a_low, log-space lower bound base: log w_t >= -a_low t^p (paper: 0.025).
+        ctpo_clip_high: a_high, log-space upper bound base: log w_t <= a_high t^p (paper: 0.05).
+        ctpo_clip_c: a_c, dual clip for A < 0 caps the weight at exp(a_c t^p) (paper: 0.05).
+        ctpo_power: p, the position exponent (paper: 0.5; 0 gives the fixed-window ablation).
+        ctpo_diagnostics_dir: run directory where per-position statistics are written (None: off).
+        ctpo_minibatches_per_step: optimizer steps per training step (epochs x batch / mini-batch);
+            the diagnostics are flushed after this many optimizer steps.
+    """
+
+    ctpo_clip_low: float | None = None
+    ctpo_clip_high: float | None = None
+    ctpo_clip_c: float | None = None
+    ctpo_power: float | None = None
+    ctpo_diagnostics_dir: str | None = None
+    ctpo_minibatches_per_step: int = 1
+
+
+class StepFlusher:
+    """Optimizer-step hook: one mini-batch per optimizer step, a flush every ``per_step`` of them."""
+
+    def __init__(self, stats: diagnostics.PositionStats, per_step: int) -> None:
+        self.stats = stats
+        self.per_step = max(1, per_step)
+        self.step = 0
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.stats.end_minibatch()
+        if self.stats.minibatch >= self.per_step:
+            self.step += 1
+            self.stats.flush(self.step)
+
+
+def _ensure_diagnostics(config: Any) -> None:
+    """Activate the per-position accumulator in this process on the first loss call, if configured."""
+    if diagnostics.active() is not None or config is None:
+        return
+    policy_loss = config.get("policy_loss", None) if hasattr(config, "get") else None
+    out_dir = policy_loss.get("ctpo_diagnostics_dir", None) if policy_loss is not None else None
+    if not out_dir:
+        return
+    stats = diagnostics.PositionStats(out_dir)
+    diagnostics.activate(stats)
+    per_step = int(policy_loss.get("ctpo_minibatches_per_step", 1) or 1)
+    torch.optim.optimizer.register_optimizer_step_post_hook(StepFlusher(stats, per_step))
+
+
+def _verl_loss(name: str) -> Any:
+    loss = get_policy_loss(name)
+
+    def verl_policy_loss(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Metrics]:
+        _ensure_diagnostics(config)
+        return loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+
+    verl_policy_loss.__doc__ = loss.__doc__
+    return verl_policy_loss
+
+
+def registered_names() -> list[str]:
+    """The verl loss-mode names this plugin provides."""
+    return [PREFIX + name for name in METHODS]
+
+
+for _name in METHODS:
+    register_policy_loss(PREFIX + _name)(_verl_loss(_name))
+
+
+def check_registered() -> None:
+    """Raise RuntimeError unless every ctpo/* loss is in verl's registry of this process."""
+    missing = [name for name in registered_names() if name not in POLICY_LOSS_REGISTRY]
+    if missing:
+        raise RuntimeError(f"verl does not know the losses {missing}; is the ctpo package installed?")
