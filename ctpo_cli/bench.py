@@ -57,12 +57,19 @@ def bench_losses(
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
         from verl.workers.config import ActorConfig, PolicyLossConfig
     except ImportError as error:
-        raise ValueError(f"the baseline needs verl ({error}); install it with: pip install 'ctpo[verl]'") from error
+        raise ValueError(
+            f"the baseline needs verl ({error}); install it with: pip install 'ctpo[verl]'"
+        ) from error
     inputs = synthetic_batch(batch, length, device)
     config = ActorConfig(
-        strategy="fsdp", rollout_n=8, ppo_micro_batch_size_per_gpu=1, policy_loss=PolicyLossConfig(loss_mode="vanilla")
+        strategy="fsdp",
+        rollout_n=8,
+        ppo_micro_batch_size_per_gpu=1,
+        policy_loss=PolicyLossConfig(loss_mode="vanilla"),
     )
-    console.print(f"[bold]loss benchmark[/]: batch {batch} x {length} tokens, float32, {device}, median of {repeats}")
+    console.print(
+        f"[bold]loss benchmark[/]: batch {batch} x {length} tokens, float32, {device}, median of {repeats}"
+    )
     baseline = time_loss(get_policy_loss_fn("vanilla"), inputs, config, repeats)
     rows = [{"loss": "verl vanilla (baseline)", "ms": baseline * 1e3, "ratio": 1.0}]
     for name in METHODS:

@@ -56,7 +56,13 @@ LOG_RATIO_CLAMP = 20.0
 LOG_WEIGHT_MAX = 10.0
 """Sequence-level and cumulative log-weights are clamped above at this before exp (as verl's gspo)."""
 
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
 GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 Metrics = dict[str, torch.Tensor]
@@ -180,7 +186,10 @@ def gspo_weight(terms: TokenTerms, hp: Mapping[str, float]) -> Window:
     """w_t = sg[g_i] pi/sg[pi] with g_i = exp(K_|y| / |y|); window [1 - eps_low, 1 + eps_high]."""
     mean_log_ratio = terms.cum_log_ratio[:, -1:] / terms.length
     return Window(
-        sequence_weight(terms.log_prob, mean_log_ratio), 1 - hp["clip_ratio_low"], 1 + hp["clip_ratio_high"], None
+        sequence_weight(terms.log_prob, mean_log_ratio),
+        1 - hp["clip_ratio_low"],
+        1 + hp["clip_ratio_high"],
+        None,
     )
 
 
@@ -267,13 +276,19 @@ def _validate_hparams(name: str, hp: Mapping[str, float], explicit_power: Any) -
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}: {key} must be a finite number >= 0, got {value}")
     if "clip_ratio_low" in hp and hp["clip_ratio_low"] >= 1:
-        raise ValueError(f"{name}: clip_ratio_low must be in [0, 1) (window 1 - eps_low > 0), got {hp['clip_ratio_low']}")
+        raise ValueError(
+            f"{name}: clip_ratio_low must be in [0, 1) (window 1 - eps_low > 0), got {hp['clip_ratio_low']}"
+        )
     if "clip_ratio_c" in hp and hp["clip_ratio_c"] <= 1:
         raise ValueError(f"{name}: clip_ratio_c (dual clip) must be > 1, got {hp['clip_ratio_c']}")
     if "ctpo_clip_c" in hp and hp["ctpo_clip_c"] <= 0:
-        raise ValueError(f"{name}: ctpo_clip_c must be > 0 (dual clip exp(c t^p) > 1), got {hp['ctpo_clip_c']}")
+        raise ValueError(
+            f"{name}: ctpo_clip_c must be > 0 (dual clip exp(c t^p) > 1), got {hp['ctpo_clip_c']}"
+        )
     if name == "ctpo-fixed" and explicit_power is not None and float(explicit_power) != 0.0:
-        raise ValueError(f"ctpo-fixed has ctpo_power = 0 by definition, got {explicit_power}; use method 'ctpo'")
+        raise ValueError(
+            f"ctpo-fixed has ctpo_power = 0 by definition, got {explicit_power}; use method 'ctpo'"
+        )
 
 
 def get_method(name: str) -> Method:
@@ -390,7 +405,9 @@ def _check_inputs(
 # The shared surrogate
 
 
-def token_terms(old_log_prob: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor) -> TokenTerms:
+def token_terms(
+    old_log_prob: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor
+) -> TokenTerms:
     """d_t, K_t, t and |y| for a (B, L) batch; masked tokens neither advance t nor enter K_t."""
     mask = response_mask.to(log_prob.dtype)
     log_ratio = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -429,7 +446,9 @@ def clipped_policy_loss(
     loss_unclipped = -advantages * weight
     loss_clipped = -advantages * clipped_weight
     loss = torch.maximum(loss_unclipped, loss_clipped)
-    metrics: Metrics = {"actor/pg_clipfrac": masked_mean(torch.gt(loss_clipped, loss_unclipped).float(), mask)}
+    metrics: Metrics = {
+        "actor/pg_clipfrac": masked_mean(torch.gt(loss_clipped, loss_unclipped).float(), mask)
+    }
     if window.dual_clip is None:
         metrics["actor/pg_clipfrac_lower"] = torch.zeros((), device=log_prob.device)
     else:

@@ -112,7 +112,9 @@ def _verl_loss(name: str) -> Any:
         rollout_is_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Metrics]:
         _ensure_diagnostics(config)
-        return loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+        return loss(
+            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+        )
 
     verl_policy_loss.__doc__ = loss.__doc__
     return verl_policy_loss
