@@ -71,7 +71,7 @@ def bench_losses(
         f"[bold]loss benchmark[/]: batch {batch} x {length} tokens, float32, {device}, median of {repeats}"
     )
     baseline = time_loss(get_policy_loss_fn("vanilla"), inputs, config, repeats)
-    rows = [{"loss": "verl vanilla (baseline)", "ms": baseline * 1e3, "ratio": 1.0}]
+    rows: list[dict[str, Any]] = [{"loss": "verl vanilla (baseline)", "ms": baseline * 1e3, "ratio": 1.0}]
     for name in METHODS:
         seconds = time_loss(get_policy_loss(name), inputs, config, repeats)
         rows.append({"loss": f"ctpo {name}", "ms": seconds * 1e3, "ratio": seconds / baseline})

@@ -442,7 +442,8 @@ def clipped_policy_loss(
     mask = terms.mask
 
     weight = torch.exp(window.log_weight)
-    clipped_weight = torch.clamp(weight, min=window.low, max=window.high)  # type: ignore[call-overload]
+    low, high = (torch.as_tensor(b, dtype=weight.dtype, device=weight.device) for b in (window.low, window.high))
+    clipped_weight = torch.clamp(weight, min=low, max=high)
     loss_unclipped = -advantages * weight
     loss_clipped = -advantages * clipped_weight
     loss = torch.maximum(loss_unclipped, loss_clipped)
@@ -464,8 +465,8 @@ def clipped_policy_loss(
     pg_loss = agg_loss(loss, response_mask, agg_mode, **_global_batch_info(config))
 
     with torch.no_grad():
-        below = (weight < window.low) & response_mask.bool()
-        above = (weight > window.high) & response_mask.bool()
+        below = (weight < low) & response_mask.bool()
+        above = (weight > high) & response_mask.bool()
         metrics["actor/ppo_kl"] = masked_mean(-terms.log_ratio, mask)
         metrics["ctpo/is_weight_mean"] = masked_mean(weight, mask)
         metrics["ctpo/is_weight_max"] = torch.where(response_mask.bool(), weight, 0.0).max()

@@ -90,9 +90,9 @@ def _ensure_diagnostics(config: Any) -> None:
     if diagnostics.active() is not None or config is None:
         return
     policy_loss = config.get("policy_loss", None) if hasattr(config, "get") else None
-    out_dir = policy_loss.get("ctpo_diagnostics_dir", None) if policy_loss is not None else None
-    if not out_dir:
+    if policy_loss is None or not policy_loss.get("ctpo_diagnostics_dir", None):
         return
+    out_dir = policy_loss.get("ctpo_diagnostics_dir")
     stats = diagnostics.PositionStats(out_dir)
     diagnostics.activate(stats)
     per_step = int(policy_loss.get("ctpo_minibatches_per_step", 1) or 1)
