@@ -58,6 +58,69 @@ def bench_loss(
     bench_losses(batch=batch, length=length, repeats=repeats, device=device, out=out or None, console=console)
 
 
+@app.command()
+def theory(
+    vocab: int = typer.Option(3, help="Vocabulary size V (at least 2)."),
+    horizon: int | None = typer.Option(
+        None, help="Steps T. Default 6; --monte-carlo: 64, run at T, T/2, T/4, T/8.", show_default=False
+    ),
+    drift: float = typer.Option(0.3, help="Behaviour logits = target logits + drift * N(0, 1)."),
+    seeds: int | None = typer.Option(
+        None, help="Random problems (seeds 0..N-1). Default 8; --monte-carlo: 4.", show_default=False
+    ),
+    monte_carlo: bool = typer.Option(
+        False, "--monte-carlo", help="Markov policies, long horizons: sampled estimates against exact values."
+    ),
+    samples: int = typer.Option(20_000, help="--monte-carlo: sequences drawn from mu per seed and horizon."),
+    advantage: str = typer.Option(
+        "q", help="Per-token signal: q = Q^pi, a = Q^pi - V^pi(s_t), outcome = R(y) (exact mode only)."
+    ),
+    out: str = typer.Option("", help="--monte-carlo: write theory_positions.csv and the figure here."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+) -> None:
+    """The paper's Table 1, computed: bias and variance of the token, cumulative, full and geometric IS ratios."""
+    import json
+    from pathlib import Path
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ctpo_cli import theory as th
+
+    if out and not monte_carlo:
+        raise ValueError("--out needs --monte-carlo (the exact mode writes no files)")
+    steps = horizon if horizon is not None else (64 if monte_carlo else 6)
+    count = seeds if seeds is not None else (4 if monte_carlo else 8)
+    files: list[Path] = []
+    study: th.ExactStudy | th.MonteCarloStudy
+    if monte_carlo:
+        sampled = th.run_monte_carlo_study(vocab, steps, drift, count, samples, advantage)
+        if out:
+            import pandas as pd
+
+            from analysis.theory import plot_variance_by_position
+
+            Path(out).mkdir(parents=True, exist_ok=True)
+            files = [Path(out) / "theory_positions.csv"]
+            sampled.write_csv(files[0])
+            files += plot_variance_by_position(pd.DataFrame(sampled.positions), Path(out))
+        study = sampled
+    else:
+        study = th.run_exact_study(vocab, steps, drift, count, advantage)
+    if json_output:
+        print(json.dumps({**study.to_json(), "files": [str(p) for p in files]}))
+        return
+    text = study.table()
+    table = Table(title=escape(text.title), caption=escape(text.caption))
+    for column in text.columns:
+        table.add_column(column, overflow="fold")
+    for row in text.rows:
+        table.add_row(*(escape(cell) for cell in row))
+    console.print(table)
+    for path in files:
+        console.print(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point: user errors become one red line (CTPO_DEBUG=1 shows the traceback)."""
     try:

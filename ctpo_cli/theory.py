@@ -68,8 +68,8 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 Blocks = tuple[FloatArray, ...]
 """A vector in parameter space, one (S_t, V) block per step t."""
-Advantage = Literal["q", "outcome"]
-ADVANTAGES: tuple[Advantage, ...] = ("q", "outcome")
+Advantage = Literal["q", "a", "outcome"]
+ADVANTAGES: tuple[Advantage, ...] = ("q", "a", "outcome")
 
 MAX_SEQUENCES = 2**18
 """Largest V^T that exact enumeration accepts (memory grows as V^T * T * V)."""
@@ -108,27 +108,45 @@ class Weighting:
 
 
 WEIGHTINGS: tuple[Weighting, ...] = (
-    Weighting("token", "token (GRPO)", "grpo", "r_t", (0.0, 1.0, 0.0), False, False, "low"),
-    Weighting("full", "full sequence", "seq-is", "R", (1.0, 1.0, 1.0), False, True, "high"),
     Weighting(
-        "geometric",
-        "geometric mean (GSPO)",
-        "gspo",
-        "g = R^(1/T)",
-        (1.0, 1.0, 1.0),
-        True,
-        False,
-        "reduced scale",
+        name="token",
+        label="token (GRPO)",
+        method="grpo",
+        formula="r_t",
+        exponents=(0.0, 1.0, 0.0),
+        per_token=False,
+        paper_unbiased=False,
+        paper_variance="low",
     ),
     Weighting(
-        "cumulative",
-        "cumulative (CTPO)",
-        "ctpo",
-        "rho_t",
-        (1.0, 1.0, 0.0),
-        False,
-        True,
-        "strictly lower than full",
+        name="full",
+        label="full sequence",
+        method="seq-is",
+        formula="R",
+        exponents=(1.0, 1.0, 1.0),
+        per_token=False,
+        paper_unbiased=True,
+        paper_variance="high",
+    ),
+    Weighting(
+        name="geometric",
+        label="geometric (GSPO)",
+        method="gspo",
+        formula="g = R^(1/T)",
+        exponents=(1.0, 1.0, 1.0),
+        per_token=True,
+        paper_unbiased=False,
+        paper_variance="reduced scale",
+    ),
+    Weighting(
+        name="cumulative",
+        label="cumulative (CTPO)",
+        method="ctpo",
+        formula="rho_t",
+        exponents=(1.0, 1.0, 0.0),
+        per_token=False,
+        paper_unbiased=True,
+        paper_variance="< full sequence",
     ),
 )
 """In the paper's row order."""
@@ -723,9 +741,9 @@ class ExactStudy:
                 w.formula,
                 "yes" if w.paper_unbiased else "no",
                 "yes" if self.unbiased(w.name) else "no",
-                _spread(self.relative_bias[w.name], ".2e"),
-                _spread(self.variance[w.name], ".4g"),
-                _spread(self.variance_ratio(w.name), ".3f"),
+                _spread(self.relative_bias[w.name], ".2g"),
+                _spread(self.variance[w.name], ".3g"),
+                _spread(self.variance_ratio(w.name), ".3g"),
                 w.paper_variance,
             )
             for w in WEIGHTINGS
@@ -738,12 +756,12 @@ class ExactStudy:
             columns=(
                 "estimator",
                 "weight at t",
-                "unbiased (paper)",
-                "unbiased (measured)",
+                "unbiased: paper",
+                "measured",
                 "relative bias",
                 "variance",
                 "variance / cumulative's",
-                "variance (paper)",
+                "variance: paper",
             ),
             rows=rows,
             caption=(
