@@ -57,6 +57,43 @@ def bench_loss(
 
     bench_losses(batch=batch, length=length, repeats=repeats, device=device, out=out or None, console=console)
 
+@bench_app.command("sandbox")
+def bench_sandbox(
+    requests: int = typer.Option(200, help="Timed runs per runner and concurrency level (after a warm-up)."),
+    concurrency: str = typer.Option("1,8,32", help="Comma-separated numbers of concurrent clients."),
+    out: str = typer.Option("", help="Also write the table as CSV here."),
+) -> None:
+    """Executions/s and p50/p99 latency of a trivial program: sandbox service vs bare `python -c`."""
+    from sandbox.bench import bench_sandbox as run_bench
+
+    try:
+        levels = [int(level) for level in concurrency.split(",")]
+    except ValueError:
+        raise UserError(f"--concurrency must be comma-separated integers, not {concurrency!r}") from None
+    run_bench(requests=requests, concurrencies=levels, out=out or None, console=console)
+
+
+sandbox_app = typer.Typer(help="The isolated Python execution service (bubblewrap).", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+
+@sandbox_app.command("serve")
+def sandbox_serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8080, help="TCP port (0: any free port)."),
+    workers: int = typer.Option(1, help="uvicorn worker processes."),
+    max_concurrency: int | None = typer.Option(
+        None, help="Programs running at once per worker (default: number of CPUs); others queue."
+    ),
+    unsafe_no_isolation: bool = typer.Option(
+        False, "--unsafe-no-isolation", help="Run programs WITHOUT bubblewrap isolation (disposable hosts only)."
+    ),
+) -> None:
+    """SandboxFusion-compatible POST /run_code and GET /health; refuses to start without bubblewrap."""
+    from sandbox.server import serve
+
+    serve(host, port, workers, max_concurrency, unsafe_no_isolation)
+
 
 @app.command()
 def theory(

@@ -1,0 +1,84 @@
+"""Settings of the sandbox service: every limit a program runs under, in one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+BWRAP_ENV = "CTPO_SANDBOX_BWRAP"
+"""Environment variable naming the bubblewrap executable (default: ``bwrap`` on PATH, else /usr/bin/bwrap)."""
+
+
+def default_bwrap() -> str:
+    """The bubblewrap executable to use; whether it exists is checked when the service starts."""
+    return os.environ.get(BWRAP_ENV) or shutil.which("bwrap") or "/usr/bin/bwrap"
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Limits and switches of the sandbox. Each program gets its own copy of every per-program limit.
+
+    Attributes:
+        isolate: run programs under bubblewrap; False only for ``--unsafe-no-isolation``.
+        bwrap: path of the bubblewrap executable.
+        max_concurrency: programs running at once per worker; further requests wait their turn.
+        default_memory_mb: address-space limit (RLIMIT_AS, MiB) when a request gives memory_limit_MB <= 0,
+            as SandboxFusion's default of -1 does.
+        max_memory_mb: the largest memory_limit_MB a request may ask for.
+        max_run_timeout: the largest run_timeout (seconds) a request may ask for.
+        cpu_grace: CPU-time limit (RLIMIT_CPU) is ceil(run_timeout + cpu_grace) seconds: one single-threaded
+            program never reaches it before its wall-clock timeout, a multi-core one may.
+        nproc: processes and threads a program may have at once (RLIMIT_NPROC), so fork bombs fizzle.
+        file_size_mb: the largest file a program may write (RLIMIT_FSIZE, MiB).
+        open_files: open file descriptors per process (RLIMIT_NOFILE).
+        tmpfs_mb: size of each private writable tmpfs (/workspace, /tmp, /dev/shm), MiB; RAM-backed, freed
+            when the program ends.
+        output_limit: bytes of stdout and of stderr kept per program; the rest is dropped and the text ends
+            with a truncation marker.
+        max_request_mb: the largest request body (code plus stdin) the service accepts, MiB.
+        sandbox_uid: the unprivileged user programs run as when the service runs as root (65534, nobody).
+    """
+
+    isolate: bool = True
+    bwrap: str = field(default_factory=default_bwrap)
+    max_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    default_memory_mb: int = 1024
+    max_memory_mb: int = 8192
+    max_run_timeout: float = 300.0
+    cpu_grace: float = 1.0
+    nproc: int = 64
+    file_size_mb: int = 16
+    open_files: int = 64
+    tmpfs_mb: int = 64
+    output_limit: int = 64 * 1024
+    max_request_mb: int = 8
+    sandbox_uid: int = 65534
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_concurrency",
+            "default_memory_mb",
+            "max_memory_mb",
+            "max_run_timeout",
+            "nproc",
+            "file_size_mb",
+            "open_files",
+            "tmpfs_mb",
+            "output_limit",
+            "max_request_mb",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"sandbox setting {name} must be positive, got {getattr(self, name)}")
+        if self.cpu_grace < 0 or self.sandbox_uid < 0:
+            raise ValueError("sandbox settings cpu_grace and sandbox_uid must not be negative")
+
+    def to_json(self) -> str:
+        """Serialise, to hand the settings to the service's worker processes."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxConfig:
+        return cls(**json.loads(text))
