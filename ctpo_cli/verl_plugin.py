@@ -35,6 +35,7 @@ PREFIX = "ctpo/"
 
 try:
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
     from verl.workers.config.actor import PolicyLossConfig
 
@@ -85,8 +86,25 @@ class StepFlusher:
             self.stats.flush(self.step)
 
 
+_STEP_HOOK: torch.utils.hooks.RemovableHandle | None = None
+"""Handle of the optimizer-step hook registered by :func:`_ensure_diagnostics`, for :func:`reset_diagnostics`."""
+
+
+def reset_diagnostics() -> None:
+    """Stop per-position diagnostics in this process: remove the optimizer-step hook, deactivate the accumulator.
+
+    The next loss call with ``ctpo_diagnostics_dir`` set starts afresh.
+    """
+    global _STEP_HOOK
+    if _STEP_HOOK is not None:
+        _STEP_HOOK.remove()
+        _STEP_HOOK = None
+    diagnostics.activate(None)
+
+
 def _ensure_diagnostics(config: Any) -> None:
     """Activate the per-position accumulator in this process on the first loss call, if configured."""
+    global _STEP_HOOK
     if diagnostics.active() is not None or config is None:
         return
     policy_loss = config.get("policy_loss", None) if hasattr(config, "get") else None
@@ -96,7 +114,10 @@ def _ensure_diagnostics(config: Any) -> None:
     stats = diagnostics.PositionStats(out_dir)
     diagnostics.activate(stats)
     per_step = int(policy_loss.get("ctpo_minibatches_per_step", 1) or 1)
-    torch.optim.optimizer.register_optimizer_step_post_hook(StepFlusher(stats, per_step))
+    # the accumulator was deactivated elsewhere: replace its flusher, never stack two
+    if _STEP_HOOK is not None:
+        _STEP_HOOK.remove()
+    _STEP_HOOK = register_optimizer_step_post_hook(StepFlusher(stats, per_step))
 
 
 def _verl_loss(name: str) -> Any:
