@@ -146,7 +146,7 @@ def compose_experiment(
     if seed is not None:
         layers.append(Layer("--seed", OmegaConf.create({"ctpo": {"seed": seed}})))
     if plain:
-        layers.append(Layer("the command line", _dotlist(plain)))
+        layers.append(Layer("command line", _dotlist(plain)))
     merged, sources = _merge(layers)
     _name_run(merged, Path(runs_dir), experiments_dir)
     ctpo, verl = _resolve(merged)
@@ -238,12 +238,13 @@ def _merge(layers: Sequence[Layer]) -> tuple[DictConfig, dict[str, str]]:
     sources: dict[str, str] = {}
     for layer in layers:
         try:
-            merged = OmegaConf.merge(merged, layer.config)
+            result = OmegaConf.merge(merged, layer.config)
         except OmegaConfBaseException as error:
             raise ValueError(_ctpo_key_error(error, layer.source)) from None
+        assert isinstance(result, DictConfig)
+        merged = result
         for key in _leaf_keys(OmegaConf.to_container(layer.config, resolve=False)):
             sources[key] = layer.source
-    assert isinstance(merged, DictConfig)
     return merged, sources
 
 
@@ -251,8 +252,8 @@ def _ctpo_key_error(error: OmegaConfBaseException, source: str) -> str:
     key = getattr(error, "full_key", None) or "?"
     if "not in" in str(error):
         fields = ", ".join(f"ctpo.{name}" for name in CtpoSection.__dataclass_fields__)
-        return f"unknown key {key!r} in {source}; the ctpo section has {fields}"
-    return f"bad value for {key!r} in {source}: {_one_line(error)}"
+        return f"unknown key {key!r} (from {source}); the ctpo section has {fields}"
+    return f"bad value for {key!r} (from {source}): {_one_line(error)}"
 
 
 def _leaf_keys(node: Any, prefix: str = "") -> Iterator[str]:
@@ -281,7 +282,9 @@ def _resolve(merged: DictConfig) -> tuple[CtpoSection, dict[str, Any]]:
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         if "Missing mandatory value" in str(error):
-            raise ValueError(f"experiment leaves {key!r} unset (???): set it in a file or as {key}=...") from None
+            raise ValueError(
+                f"experiment leaves {key!r} unset (???): set it in a file or as {key}=..."
+            ) from None
         raise ValueError(f"cannot resolve {key!r}: {_one_line(error)}") from None
     assert isinstance(tree, dict)
     ctpo = OmegaConf.to_object(merged.ctpo)
@@ -311,7 +314,7 @@ def _check_method(ctpo: CtpoSection, method: str, verl: dict[str, Any], sources:
     if loss_mode != LOSS_MODE_PREFIX + method:
         where = sources.get(LOSS_PREFIX + "loss_mode", "verl's defaults")
         raise ValueError(
-            f"{LOSS_PREFIX}loss_mode is {loss_mode!r} (set in {where}) but the method is {method!r}: "
+            f"{LOSS_PREFIX}loss_mode is {loss_mode!r} (from {where}) but the method is {method!r}: "
             f"expected {LOSS_MODE_PREFIX}{method}"
         )
     fields = [key for key in METHODS[method].defaults if key.startswith("ctpo_")]
@@ -361,7 +364,7 @@ def verl_defaults() -> dict[str, Any]:
     """verl's default config as a plain tree (interpolations left as strings)."""
     tree = OmegaConf.to_container(compose_verl([]), resolve=False)
     assert isinstance(tree, dict)
-    return tree
+    return {str(key): value for key, value in tree.items()}
 
 
 def minibatches_per_step(verl: Mapping[str, Any]) -> int:
@@ -389,8 +392,8 @@ def verl_overrides(experiment: Experiment) -> list[str]:
     Leaves verl already has become ``key=value``; new keys under a map that is empty in verl's
     defaults (``data.apply_chat_template_kwargs``, ``engine_kwargs.vllm``, ...) become ``+key=value``;
     any other new key stays ``key=value`` so that Hydra rejects it as unknown. Then the ``ctpo.loss``
-    fields and the per-position diagnostics settings (``+...policy_loss.ctpo_*``), then the
-    ``+``/``~`` command-line overrides verbatim.
+    fields and the per-position diagnostics settings (``+...policy_loss.ctpo_*``), Hydra's own output
+    directory (inside the run directory), then the ``+``/``~`` command-line overrides verbatim.
     """
     overrides = list(_tree_overrides(experiment.verl, verl_defaults(), ""))
     extra = {
@@ -399,6 +402,7 @@ def verl_overrides(experiment: Experiment) -> list[str]:
         "ctpo_minibatches_per_step": minibatches_per_step(experiment.verl),
     }
     overrides += [f"+{LOSS_PREFIX}{key}={hydra_value(value)}" for key, value in extra.items()]
+    overrides.append(f"hydra.run.dir={hydra_value(experiment.ctpo.run_dir + '/hydra')}")
     return overrides + list(experiment.passthrough)
 
 
@@ -406,10 +410,12 @@ def _tree_overrides(node: Mapping[str, Any], defaults: Any, prefix: str) -> Iter
     for key, value in node.items():
         path = f"{prefix}{key}"
         known = isinstance(defaults, dict) and key in defaults
-        default = defaults.get(key) if known else None
-        if isinstance(value, dict) and isinstance(default, dict):
+        default = defaults[key] if known else None
+        free_form = defaults == {}
+        if isinstance(value, dict) and value and (isinstance(default, dict) or not (known or free_form)):
+            # into one of verl's sections, or through an unknown key so that Hydra names its leaves
             yield from _tree_overrides(value, default, path + ".")
-        elif not known and defaults == {}:
+        elif not known and free_form:
             yield f"+{path}={hydra_value(value)}"
         else:
             yield f"{path}={hydra_value(value)}"
@@ -458,7 +464,9 @@ def build_job(experiment: Experiment) -> VerlJob:
     return VerlJob(experiment, overrides, config, hparams)
 
 
-_UNKNOWN_KEY = re.compile(r"Could not (?:override|append to|delete from) '([^']+)'|Key '([^']+)' is not in struct")
+_UNKNOWN_KEY = re.compile(
+    r"Could not (?:override|append to|delete from) '([^']+)'|Key '([^']+)' is not in struct"
+)
 
 
 def _compose_checked(overrides: Sequence[str], sources: Mapping[str, str]) -> DictConfig:
@@ -470,9 +478,9 @@ def _compose_checked(overrides: Sequence[str], sources: Mapping[str, str]) -> Di
         match = _UNKNOWN_KEY.search(str(error))
         if match:
             key = (match.group(1) or match.group(2)).lstrip("+~")
-            where = sources.get(key, "the command line")
+            where = sources.get(key, "command line")
             raise ValueError(
-                f"unknown verl key {key!r} (set in {where}); verl's keys are in {verl_config_dir() / 'ppo_trainer.yaml'}"
+                f"unknown verl key {key!r} (from {where}); verl's keys are in {verl_config_dir() / 'ppo_trainer.yaml'}"
             ) from None
         raise ValueError(f"verl rejected the overrides: {_one_line(error)}") from None
 
@@ -488,13 +496,17 @@ def validate_verl_config(config: DictConfig) -> None:
         import ctpo_cli.verl_plugin  # noqa: F401  (registers ctpo/* losses, as in every verl process)
 
         try:
-            validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+            validate_config(
+                config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
+            )
             omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
         except (AssertionError, ValueError, TypeError, OmegaConfBaseException) as error:
             raise ValueError(f"verl rejected the config: {_one_line(error)}") from None
     loss_mode = config.actor_rollout_ref.actor.policy_loss.loss_mode
     if loss_mode not in POLICY_LOSS_REGISTRY:
-        raise ValueError(f"verl has no policy loss {loss_mode!r}; registered: {', '.join(POLICY_LOSS_REGISTRY)}")
+        raise ValueError(
+            f"verl has no policy loss {loss_mode!r}; registered: {', '.join(POLICY_LOSS_REGISTRY)}"
+        )
     _check_multi_turn(config)
 
 
@@ -521,8 +533,8 @@ def _check_multi_turn(config: DictConfig) -> None:
             f"unknown agent loop {rollout.agent.default_agent_loop!r}; known: {', '.join(sorted(loops))}"
         )
     if rollout.multi_turn.tool_config_path:
-        tools = OmegaConf.load(_existing(rollout.multi_turn.tool_config_path)).get("tools", [])
-        for tool in tools:
+        tool_config = OmegaConf.load(_existing(rollout.multi_turn.tool_config_path))
+        for tool in tool_config.get("tools", []) if isinstance(tool_config, DictConfig) else []:
             _import_class(str(tool.class_name))
 
 
@@ -552,7 +564,9 @@ def _import_class(qualified: str) -> type:
 def loss_hparams(method: str, config: DictConfig) -> dict[str, float]:
     """The loss hyperparameters the workers will use (verl's actor config; ValueError when out of range)."""
     actor = config.actor_rollout_ref.actor
-    values = {key: actor.get(key) for key in ("clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c")}
+    values = {
+        key: actor.get(key) for key in ("clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c")
+    }
     values.update(OmegaConf.to_container(actor.policy_loss, resolve=True))  # type: ignore[arg-type]
     return method_hparams(method, values)
 
