@@ -44,6 +44,64 @@ def methods() -> None:
     console.print(table)
 
 
+BACKENDS = ("verl", "local")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides of the experiment (verl keys, ctpo.*); +key=value goes to verl as is."
+    ),
+    method: str = typer.Option(..., "--method", "-m", help="grpo, gspo, ctpo, ctpo-fixed or seq-is."),
+    model: str | None = typer.Option(
+        None, help="verl: model preset (Qwen3-14B [default], Qwen3-4B, qwen3-0.6b-1gpu), preset file or model path."
+    ),
+    backend: str = typer.Option("verl", help="verl (GPU cluster, the paper's runs) or local (this machine)."),
+    seed: int | None = typer.Option(None, help="Random seed (verl default: the experiment's; local: 0)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="verl: print the composed config and command; run nothing."),
+    experiment: list[Path] = typer.Option([], "--experiment", "-e", help="verl: extra experiment YAML (repeatable)."),
+    out: Path = typer.Option(Path("runs"), help="Runs directory (one sub-directory per run)."),
+    sandbox_url: str | None = typer.Option(
+        None, envvar="CTPO_SANDBOX_URL", help="verl: use this sandbox service instead of starting one."
+    ),
+    preset: str = typer.Option("tiny", help="local: configuration preset."),
+    device: str = typer.Option("cpu", help="local: cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="local: continue the latest interrupted run."),
+) -> None:
+    """Train one method: a verl job built from experiments/ (default) or the local backend."""
+    from ctpo_cli.losses import get_method
+
+    get_method(method)
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "local":
+        if experiment or dry_run:
+            raise UserError("--experiment and --dry-run apply to --backend verl only")
+        from ctpo_cli.local.train import train_local
+
+        train_local(
+            method=method,
+            model=model,
+            seed=0 if seed is None else seed,
+            preset=preset,
+            overrides=list(overrides or []),
+            device=device,
+            resume=resume,
+            runs_dir=out,
+            console=console,
+        )
+        return
+    from ctpo_cli.launcher import TrainingFailed, train_verl
+
+    try:
+        run_dir = train_verl(method, model, seed, experiment, overrides or [], out, dry_run, sandbox_url)
+    except TrainingFailed as failure:
+        Console(stderr=True).print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
+        raise typer.Exit(failure.code) from None
+    if run_dir is not None:
+        console.print(f"run finished: {run_dir}")
+
+
 @bench_app.command("loss")
 def bench_loss(
     batch: int = typer.Option(64, help="Responses per micro-batch."),
