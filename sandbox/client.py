@@ -15,6 +15,14 @@ class SandboxUnavailable(ConnectionError):
     """The service could not be reached, did not answer in time, failed (5xx), or did not start."""
 
 
+def _detail(response: httpx.Response) -> str:
+    """The service's one-line reason for an error status (its JSON ``detail``), else the raw body."""
+    try:
+        return str(response.json()["detail"])
+    except (ValueError, KeyError, TypeError):
+        return response.text
+
+
 class SandboxClient:
     """Synchronous client; one instance may be shared by threads.
 
@@ -48,8 +56,9 @@ class SandboxClient:
         if response.status_code >= 500:
             raise SandboxUnavailable(f"sandbox at {self.base_url} failed: HTTP {response.status_code}")
         if response.status_code >= 400:
-            detail = response.json().get("detail", response.text)
-            raise ValueError(f"sandbox rejected the request (HTTP {response.status_code}): {detail}")
+            raise ValueError(
+                f"sandbox rejected the request (HTTP {response.status_code}): {_detail(response)}"
+            )
         body = response.json()
         run = body.get("run_result") or {}
         return RunResult(

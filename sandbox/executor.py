@@ -177,6 +177,7 @@ def _command(
     workdir = WORKDIR if config.isolate else host_dir
     launch = [
         sys.executable,
+        "-I",
         "-S",
         "-c",
         LAUNCHER_SOURCE,
@@ -277,7 +278,8 @@ async def _run(
         result.status, result.return_code = "TimeLimitExceeded", None
     elif not started:
         result.status = "Error"
-        result.message = f"the sandbox failed to start (exit code {code}): {result.stderr.strip()}"
+        reason = result.stderr.strip() or "no error message"
+        result.message = f"the sandbox failed to start (exit code {code}): {reason}"
     elif code == 128 + signal.SIGXCPU:
         result.status = "TimeLimitExceeded"
     return result
@@ -297,5 +299,8 @@ def check_isolation(config: SandboxConfig) -> None:
         )
     result = asyncio.run(execute(config, "print('ok')", run_timeout=30))
     if (result.status, result.stdout) != ("Finished", "ok\n"):
-        detail = (result.message or result.stderr or result.status).strip().replace("\n", " | ")
-        raise ValueError(f"bubblewrap at {config.bwrap} cannot run a sandbox on this host: {detail}")
+        detail = " | ".join((result.message or result.stderr or result.status).split("\n"))
+        raise ValueError(
+            f"bubblewrap at {config.bwrap} cannot run a sandbox on this host ({detail.strip()}); fix that, "
+            "or pass --unsafe-no-isolation to run code WITHOUT isolation"
+        )

@@ -1,7 +1,8 @@
 """First code to run inside the sandbox: apply the resource limits, report readiness, exec the program.
 
-The executor runs it as ``python -S -c <this file's source> READY_FD AS CPU NPROC FSIZE NOFILE UID PROGRAM...``
-in the sandbox's own interpreter, so it imports only the standard library and nothing from this package.
+The executor runs it as ``python -I -S -c <this source> READY_FD AS CPU NPROC FSIZE NOFILE UID PROGRAM...`` in
+the sandbox's interpreter: isolated mode, no site, so it imports only the standard library, nothing from this
+package and nothing from the program's directory.
 
 - AS: RLIMIT_AS, address space in bytes (the request's ``memory_limit_MB``). Exceeding it makes allocations
   fail (``MemoryError`` in Python) instead of growing the host's memory.

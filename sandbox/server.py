@@ -36,8 +36,8 @@ CONFIG_ENV = "CTPO_SANDBOX_CONFIG"
 UNSAFE_BANNER = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 !!  WARNING: --unsafe-no-isolation: the sandbox runs programs WITHOUT ISOLATION, as this user, on this host.
-!!  They can read your files and secrets, reach the network and leave processes behind. Only resource limits
-!!  and the timeout apply. Never use this with model-written code outside a disposable machine.
+!!  They can read your files and secrets, reach the network and leave processes behind. Only the timeout and
+!!  the resource limits apply (as root, not even the process limit). Use it on disposable machines only.
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,12 @@ def contained(service: Service) -> Iterator[None]:
     """After the test: the module's service is healthy and no sandboxed process survived."""
     yield
     assert_contained(service)
+
+
+@pytest.fixture
+def process_tree() -> Callable[[int], list[int]]:
+    """:func:`descendants`, for tests that follow processes themselves."""
+    return descendants
 
 
 @pytest.fixture(scope="module")
