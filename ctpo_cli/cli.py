@@ -171,6 +171,11 @@ def theory(
     advantage: str = typer.Option(
         "q", help="Per-token signal: q = Q^pi, a = Q^pi - V^pi(s_t), outcome = R(y) (exact mode only)."
     ),
+    shared_parameters: bool = typer.Option(
+        False,
+        "--shared-parameters",
+        help="Exact mode: Markov policies whose positions share one parameter table (as in an LLM).",
+    ),
     out: str = typer.Option("", help="--monte-carlo: write theory_positions.csv and the figure here."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
 ) -> None:
@@ -185,6 +190,8 @@ def theory(
 
     if out and not monte_carlo:
         raise ValueError("--out needs --monte-carlo (the exact mode writes no files)")
+    if shared_parameters and monte_carlo:
+        raise ValueError("--shared-parameters is for the exact mode (per-position variances do not change)")
     steps = horizon if horizon is not None else (64 if monte_carlo else 6)
     count = seeds if seeds is not None else (4 if monte_carlo else 8)
     files: list[Path] = []
@@ -202,7 +209,7 @@ def theory(
             files += plot_variance_by_position(pd.DataFrame(sampled.positions), Path(out))
         study = sampled
     else:
-        study = th.run_exact_study(vocab, steps, drift, count, advantage)
+        study = th.run_exact_study(vocab, steps, drift, count, advantage, shared_parameters)
     if json_output:
         print(json.dumps({**study.to_json(), "files": [str(p) for p in files]}))
         return

@@ -56,7 +56,7 @@ import csv
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -278,11 +278,20 @@ def random_tabular_problem(
     return TabularProblem(vocab, target, behaviour, rng.uniform(size=vocab**horizon))
 
 
-def random_markov_problem(vocab: int, horizon: int, drift: float, rng: np.random.Generator) -> MarkovProblem:
-    """A random :class:`MarkovProblem` with reward ~ U(0, 1) per (last state, last token)."""
-    counts = [1] + [vocab] * (horizon - 1)
-    target, behaviour = _random_logits(counts, vocab, drift, rng)
-    return MarkovProblem(vocab, target, behaviour, rng.uniform(size=(counts[-1], vocab)))
+def random_markov_problem(
+    vocab: int, horizon: int, drift: float, rng: np.random.Generator, homogeneous: bool = False
+) -> MarkovProblem:
+    """A random :class:`MarkovProblem` with reward ~ U(0, 1) per (last state, last token).
+
+    ``homogeneous``: one (V, V) logit table, and one behaviour table, for every step after the first
+    (a time-homogeneous policy, whose parameters can be shared across positions).
+    """
+    if homogeneous and horizon > 1:
+        (first, table), (first_mu, table_mu) = _random_logits([1, vocab], vocab, drift, rng)
+        target, behaviour = (first, *[table] * (horizon - 1)), (first_mu, *[table_mu] * (horizon - 1))
+    else:
+        target, behaviour = _random_logits([1] + [vocab] * (horizon - 1), vocab, drift, rng)
+    return MarkovProblem(vocab, target, behaviour, rng.uniform(size=(len(target[-1]), vocab)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,15 +371,20 @@ def relative_error(estimate: Blocks, reference: Blocks) -> float:
 
 @dataclass(frozen=True)
 class Moments:
-    """E_mu[X] (blocks) and Var_t = E||w_t f_t||^2 - ||E w_t f_t||^2 for t = 1..T of one estimator."""
+    """E_mu[X] (blocks) and Var_t = E||w_t f_t||^2 - ||E w_t f_t||^2 for t = 1..T of one estimator.
+
+    ``cross_covariance`` = sum_{s != t} tr Cov(w_s f_s, w_t f_t): zero when every position has its
+    own parameters (disjoint blocks), not when positions share them (:func:`shared_parameter_moments`).
+    """
 
     mean: Blocks
     position_variance: FloatArray
+    cross_covariance: float = field(default=0.0, kw_only=True)
 
     @property
     def variance(self) -> float:
-        """Total variance tr Cov(X) = sum_t Var_t."""
-        return float(self.position_variance.sum())
+        """Total variance tr Cov(X) = sum_t Var_t + cross_covariance."""
+        return float(self.position_variance.sum()) + self.cross_covariance
 
 
 @dataclass(frozen=True)
@@ -427,26 +441,89 @@ def weighted_moments(problem: Problem, data: Rollouts, terms: FloatArray, probab
     return Moments(mean, second - block_norm_sq(mean))
 
 
+@dataclass(frozen=True)
+class Enumeration:
+    """All V^T sequences of a problem with their probabilities, Q^pi and the chosen advantage, (V^T, T)."""
+
+    data: Rollouts
+    q: FloatArray
+    signal: FloatArray
+    pi_probability: FloatArray  # pi(y), (V^T,)
+    mu_probability: FloatArray  # mu(y), (V^T,)
+
+
+def enumerate_problem(problem: Problem, advantage: Advantage) -> Enumeration:
+    """Every sequence, pi(y), mu(y), Q^pi(s_t, a_t) and A_t."""
+    data = rollouts(problem, all_sequences(problem.vocab, problem.horizon))
+    reward = problem.outcome(data.tokens)
+    q = enumerated_q(data.target_log_prob, reward, problem.vocab)
+    pi_probability = np.exp(data.target_log_prob.sum(axis=1))
+    signal = enumerated_advantage(q, reward, float(pi_probability @ reward), advantage)
+    return Enumeration(data, q, signal, pi_probability, np.exp(data.behaviour_log_prob.sum(axis=1)))
+
+
 def exact_moments(problem: Problem, advantage: Advantage = "q") -> ExactResult:
     """Exact gradient and estimator moments by enumerating all V^T sequences (see the module docstring).
 
     grad J = sum_y pi(y) sum_t (onehot(a_t) - pi(.|s_t)) Q^pi(s_t, a_t); E_mu X and Var_t are the
     same sums with mu(y) w_t and mu(y) w_t^2 ||.||^2.
     """
-    data = rollouts(problem, all_sequences(problem.vocab, problem.horizon))
-    reward = problem.outcome(data.tokens)
-    q = enumerated_q(data.target_log_prob, reward, problem.vocab)
-    pi_probability = np.exp(data.target_log_prob.sum(axis=1))
-    mu_probability = np.exp(data.behaviour_log_prob.sum(axis=1))
-    gradient = score_sums(problem, data, pi_probability[:, None] * q)
-    signal = enumerated_advantage(q, reward, float(pi_probability @ reward), advantage)
+    e = enumerate_problem(problem, advantage)
+    gradient = score_sums(problem, e.data, e.pi_probability[:, None] * e.q)
     estimators = {
         w.name: weighted_moments(
-            problem, data, np.exp(log_weights(data.log_ratio, w)) * signal, mu_probability
+            problem, e.data, np.exp(log_weights(e.data.log_ratio, w)) * e.signal, e.mu_probability
         )
         for w in WEIGHTINGS
     }
     return ExactResult(gradient, estimators)
+
+
+def fold_shared(blocks: Blocks) -> Blocks:
+    """A per-step vector in the shared parameterisation: the first step's block, and the sum of the others.
+
+    When steps 2..T use one table theta, d/d theta = sum_t d/d theta_t (chain rule).
+    """
+    if len(blocks) == 1:
+        return blocks
+    return blocks[0], np.sum(np.stack(blocks[1:]), axis=0)
+
+
+def shared_parameter_moments(problem: MarkovProblem, advantage: Advantage = "q") -> ExactResult:
+    """Exact moments when steps 2..T share one parameter table (an LLM shares its weights across positions).
+
+    X = sum_t w_t f_t is folded with :func:`fold_shared`, so the terms of different positions can
+    land in the same block and the total variance gains the cross terms
+    sum_{s != t} tr Cov(w_s f_s, w_t f_t) = E||X||^2 - ||E X||^2 - sum_t Var_t, computed here from every
+    sequence's folded X. Means and Var_t are those of :func:`exact_moments`, folded.
+    """
+    if any(not np.array_equal(x, problem.target_logits[-1]) for x in problem.target_logits[1:]) or any(
+        not np.array_equal(x, problem.behaviour_logits[-1]) for x in problem.behaviour_logits[1:]
+    ):
+        raise ValueError("shared parameters need the same logit tables at every step after the first")
+    separate = exact_moments(problem, advantage)
+    e = enumerate_problem(problem, advantage)
+    vocab, count = problem.vocab, len(e.mu_probability)
+    size = vocab + vocab * vocab if problem.horizon > 1 else vocab
+    step_start = np.where(np.arange(problem.horizon) == 0, 0, vocab)
+    rows = e.data.rows - problem.offsets[:-1] + step_start + size * np.arange(count)[:, None]
+    scores = np.eye(vocab)[e.data.tokens] - e.data.target_probs
+    estimators = {}
+    for w in WEIGHTINGS:
+        coef = np.exp(log_weights(e.data.log_ratio, w)) * e.signal
+        folded = np.bincount(
+            (rows[..., None] + np.arange(vocab)).ravel(),
+            weights=(coef[..., None] * scores).ravel(),
+            minlength=count * size,
+        ).reshape(count, size)
+        total = float(e.mu_probability @ (folded**2).sum(axis=1) - np.sum((e.mu_probability @ folded) ** 2))
+        moments = separate.estimators[w.name]
+        estimators[w.name] = Moments(
+            fold_shared(moments.mean),
+            moments.position_variance,
+            cross_covariance=total - float(moments.position_variance.sum()),
+        )
+    return ExactResult(fold_shared(separate.gradient), estimators)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -684,15 +761,27 @@ def _spread(values: FloatArray, spec: str) -> str:
 
 @dataclass(frozen=True)
 class ExactStudy:
-    """Exact relative bias and total variance of every weighting, one value per seed (random tabular problems)."""
+    """Exact relative bias and total variance of every weighting, one value per seed.
+
+    The problems are random tabular ones, or with ``shared_parameters`` random time-homogeneous
+    Markov ones whose steps 2..T share one parameter table (:func:`shared_parameter_moments`).
+    """
 
     vocab: int
     horizon: int
     drift: float
     seeds: tuple[int, ...]
     advantage: Advantage
+    shared_parameters: bool
     relative_bias: dict[str, FloatArray]
     variance: dict[str, FloatArray]
+
+    @property
+    def problem(self) -> str:
+        """What the random problems are."""
+        if self.shared_parameters:
+            return "Markov policy, parameters shared across positions"
+        return "tabular policy, parameters per position"
 
     def variance_ratio(self, name: str) -> FloatArray:
         """Var(X_name) / Var(X_cumulative) per seed."""
@@ -710,7 +799,7 @@ class ExactStudy:
         """Everything, per seed, as plain JSON types."""
         return {
             "mode": "exact",
-            "problem": "tabular",
+            "problem": self.problem,
             "vocab": self.vocab,
             "horizon": self.horizon,
             "drift": self.drift,
@@ -750,8 +839,8 @@ class ExactStudy:
         )
         return TextTable(
             title=(
-                f"Table 1, exact: V={self.vocab}, T={self.horizon} ({self.vocab**self.horizon:,} sequences), "
-                f"drift {self.drift:g}, {len(self.seeds)} seed(s); mean [min, max] over seeds"
+                f"Table 1, exact: {self.problem}, V={self.vocab}, T={self.horizon} ({self.vocab**self.horizon:,} "
+                f"sequences), drift {self.drift:g}, {len(self.seeds)} seed(s); mean [min, max] over seeds"
             ),
             columns=(
                 "estimator",
@@ -773,8 +862,22 @@ class ExactStudy:
         )
 
 
-def run_exact_study(vocab: int, horizon: int, drift: float, seeds: int, advantage: str = "q") -> ExactStudy:
-    """Exact moments on ``seeds`` random tabular problems (seed i draws problem i)."""
+def exact_result(
+    vocab: int, horizon: int, drift: float, seed: int, advantage: Advantage, shared_parameters: bool
+) -> ExactResult:
+    """Exact moments on the random problem of ``seed`` (tabular, or homogeneous Markov with shared parameters)."""
+    rng = np.random.default_rng(seed)
+    if shared_parameters:
+        return shared_parameter_moments(
+            random_markov_problem(vocab, horizon, drift, rng, homogeneous=True), advantage
+        )
+    return exact_moments(random_tabular_problem(vocab, horizon, drift, rng), advantage)
+
+
+def run_exact_study(
+    vocab: int, horizon: int, drift: float, seeds: int, advantage: str = "q", shared_parameters: bool = False
+) -> ExactStudy:
+    """Exact moments on ``seeds`` random problems (seed i draws problem i); see :class:`ExactStudy`."""
     check_problem_size(vocab, horizon, drift, seeds)
     chosen = check_advantage(advantage)
     if vocab**horizon > MAX_SEQUENCES:
@@ -782,10 +885,7 @@ def run_exact_study(vocab: int, horizon: int, drift: float, seeds: int, advantag
             f"V^T = {vocab}^{horizon} = {vocab**horizon:,} sequences is above the enumeration limit of "
             f"{MAX_SEQUENCES:,}; use --monte-carlo for longer horizons"
         )
-    results = [
-        exact_moments(random_tabular_problem(vocab, horizon, drift, np.random.default_rng(seed)), chosen)
-        for seed in range(seeds)
-    ]
+    results = [exact_result(vocab, horizon, drift, seed, chosen, shared_parameters) for seed in range(seeds)]
     names = WEIGHTING_NAMES
     return ExactStudy(
         vocab,
@@ -793,6 +893,7 @@ def run_exact_study(vocab: int, horizon: int, drift: float, seeds: int, advantag
         drift,
         tuple(range(seeds)),
         chosen,
+        shared_parameters,
         {n: np.array([r.relative_bias(n) for r in results]) for n in names},
         {n: np.array([r.estimators[n].variance for r in results]) for n in names},
     )

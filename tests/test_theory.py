@@ -292,6 +292,54 @@ def test_on_policy_every_weight_is_unbiased_with_equal_variance() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Parameters shared across positions
+
+
+def fold(per_position: np.ndarray, vocab: int) -> np.ndarray:
+    """(T, size) per-position vectors in the per-step layout -> their sum with steps 2..T on one table."""
+    first, rest = (
+        per_position[:, :vocab],
+        per_position[:, vocab:].reshape(len(per_position), -1, vocab * vocab),
+    )
+    return np.concatenate([first.sum(axis=0), rest.sum(axis=(0, 1))])
+
+
+@pytest.mark.parametrize("advantage", ["q", "a"])
+def test_shared_parameter_moments_match_the_loop_reference(advantage: str) -> None:
+    problem = th.random_markov_problem(3, 4, 0.7, np.random.default_rng(13), homogeneous=True)
+    ref = LoopReference(problem)
+    sequences = ref.sequences()
+    probability = np.array([ref.probability(y, ref.mu) for y in sequences])
+    result = th.shared_parameter_moments(problem, advantage)  # type: ignore[arg-type]
+    gradient = ref.gradient()
+    np.testing.assert_allclose(flat(result.gradient), fold(gradient.reshape(1, -1), 3), atol=1e-12)
+    for name in th.WEIGHTING_NAMES:
+        x = np.array(
+            [fold(ref.terms(y, advantage)[name], 3) for y in sequences]
+        )  # (n, size): one X per sequence
+        mean = probability @ x
+        variance = probability @ ((x - mean) ** 2).sum(axis=1)
+        np.testing.assert_allclose(flat(result.estimators[name].mean), mean, atol=1e-12)
+        assert result.estimators[name].variance == pytest.approx(variance, rel=1e-10)
+
+
+def test_shared_parameters_need_one_table_for_all_positions() -> None:
+    problem = problem_of("markov", 3, 4, 0.5, seed=1)
+    assert isinstance(problem, th.MarkovProblem)
+    with pytest.raises(ValueError, match="same logit tables"):
+        th.shared_parameter_moments(problem)
+
+
+def test_with_shared_parameters_cumulative_is_unbiased_but_its_variance_can_exceed_full() -> None:
+    """Var_t(cumulative) < Var_t(full) still holds per position, but cross-position covariances can
+    reverse the total: the paper's per-token claim does not carry over to the whole gradient estimator."""
+    study = th.run_exact_study(2, 3, 0.3, seeds=32, shared_parameters=True)
+    assert (study.relative_bias["cumulative"] < 1e-9).all() and (study.relative_bias["full"] < 1e-9).all()
+    assert study.cumulative_below_full() < 32
+    assert (study.variance_ratio("full") < 1).any()
+
+
+# --------------------------------------------------------------------------------------------------
 # Closed form under independence
 
 
