@@ -80,7 +80,11 @@ def test_the_paper_setup_reaches_verl(jobs: dict[tuple[str, str], VerlJob]) -> N
     assert cfg.algorithm.use_kl_in_reward is False and cfg.algorithm.adv_estimator == "grpo"
     assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (16000, 8000)
     assert rollout.multi_turn.enable and rollout.multi_turn.max_assistant_turns == 5
-    assert rollout.multi_turn.format == "ctpo_python_block" and rollout.name == "vllm" and rollout.mode == "async"
+    assert (
+        rollout.multi_turn.format == "ctpo_python_block"
+        and rollout.name == "vllm"
+        and rollout.mode == "async"
+    )
     assert rollout.agent.default_agent_loop == "ctpo_python_agent"
     assert cfg.data.apply_chat_template_kwargs.enable_thinking is False
     val = rollout.val_kwargs
@@ -104,7 +108,10 @@ def test_the_paper_setup_reaches_verl(jobs: dict[tuple[str, str], VerlJob]) -> N
 
 def test_method_hyperparameters(jobs: dict[tuple[str, str], VerlJob]) -> None:
     gspo = jobs["gspo", "Qwen3-14B"]
-    assert (gspo.config.actor_rollout_ref.actor.clip_ratio_low, gspo.config.actor_rollout_ref.actor.clip_ratio_high) == (
+    assert (
+        gspo.config.actor_rollout_ref.actor.clip_ratio_low,
+        gspo.config.actor_rollout_ref.actor.clip_ratio_high,
+    ) == (
         3e-4,
         4e-4,
     )
@@ -149,7 +156,20 @@ def test_model_path_seed_and_overrides(tmp_path: Path) -> None:
 
 
 def test_hydra_values_round_trip() -> None:
-    values = ["plain", "with space", "it's", "1.5", "true", "null", "a=b,c", "sqlite:////x/y.db", 3, 1e-6, None, False]
+    values = [
+        "plain",
+        "with space",
+        "it's",
+        "1.5",
+        "true",
+        "null",
+        "a=b,c",
+        "sqlite:////x/y.db",
+        3,
+        1e-6,
+        None,
+        False,
+    ]
     overrides = [f"+roundtrip.v{i}={hydra_value(v)}" for i, v in enumerate(values)]
     overrides += ["actor_rollout_ref.rollout.name=vllm", f"+roundtrip.list={hydra_value(['a b', 2, None])}"]
     composed = OmegaConf.to_container(compose_verl(overrides).roundtrip)
@@ -160,7 +180,9 @@ def test_hydra_values_round_trip() -> None:
 # Through the command line
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+def run_cli(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
     """``ctpo <args>`` in this process (its real ``main``, error handling included)."""
     monkeypatch.setattr(sys, "argv", ["ctpo", *args])
     try:
@@ -180,9 +202,14 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def test_dry_run_prints_config_and_command(
-    jobs: dict[tuple[str, str], VerlJob], in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    jobs: dict[tuple[str, str], VerlJob],
+    in_tmp: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    code, out, err = run_cli(["train", "--method", "ctpo", "--model", "Qwen3-14B", "--dry-run"], capsys, monkeypatch)
+    code, out, err = run_cli(
+        ["train", "--method", "ctpo", "--model", "Qwen3-14B", "--dry-run"], capsys, monkeypatch
+    )
     assert code == 0, err
     config, _, command = out.partition("# command, run by `ctpo train`")
     assert "loss_mode: ctpo/ctpo" in config and "ctpo_clip_low: 0.025" in config
@@ -219,7 +246,13 @@ BAD_INPUTS = {
         "ctpo.loss.ctpo_power is not a field of method 'grpo'",
     ),
     "verl validation": (
-        ["--method", "ctpo", "--dry-run", "trainer.n_gpus_per_node=3", "actor_rollout_ref.actor.use_dynamic_bsz=false"],
+        [
+            "--method",
+            "ctpo",
+            "--dry-run",
+            "trainer.n_gpus_per_node=3",
+            "actor_rollout_ref.actor.use_dynamic_bsz=false",
+        ],
         "verl rejected the config: real_train_batch_size (4096) must be divisible",
     ),
 }
@@ -235,7 +268,7 @@ def test_bad_input_is_one_line(
 ) -> None:
     (in_tmp / "bad.yaml").write_text("data:\n  train_batch_size: 64\n bad: [\n")
     args, expected = BAD_INPUTS[case]
-    code, out, err = run_cli(["train", *args], capsys, monkeypatch)
+    code, _out, err = run_cli(["train", *args], capsys, monkeypatch)
     assert code != 0
     assert err.strip().count("\n") == 0 and "Traceback" not in err, err
     assert expected in err
