@@ -24,7 +24,10 @@ Table 1 is w_t = exp(b K_{t-1} + c d_t + e (K_T - K_t)) for exponents (b, c, e) 
 
 and the single-sequence estimator, a_1..a_T ~ mu, is
 
-    X = sum_t w_t f_t,    f_t = grad log pi(a_t|s_t) A_t,    A_t = Q^pi(s_t, a_t)  (advantage "q").
+    X = sum_t w_t f_t,    f_t = grad log pi(a_t|s_t) A_t,
+
+with A_t = Q^pi(s_t, a_t) (advantage "q", the default) or A^pi(s_t, a_t) = Q^pi - V^pi(s_t)
+(advantage "a"); on-policy both give grad J, since E_pi[grad log pi(a|s)] = 0.
 
 Reported: the relative bias ||E_mu X - grad J|| / ||grad J|| and the total variance
 tr Cov_mu(X) = E_mu||X||^2 - ||E_mu X||^2. Since f_t lies in step t's block, ||X||^2 = sum_t
@@ -36,18 +39,27 @@ suffix) correctly and are biased. Conditioning on a_<=t, E_mu[R^2 ||f_t||^2] =
 E_mu[rho_t^2 ||f_t||^2 E_mu[(R/rho_t)^2 | a_<=t]] and E_mu[(R/rho_t)^2 | a_<=t] >= (E_mu[R/rho_t |
 a_<=t])^2 = 1 (Jensen; strict unless the remaining ratio is constant), and the two means are equal,
 so Var_t(cumulative) < Var_t(full) for t < T, with equality at t = T. Summed over t this gives the
-total-variance inequality here; with parameters shared across positions, cross terms
-E[w_s w_t <f_s, f_t>] enter the total and the per-position argument no longer settles it.
+total-variance inequality for separate per-position parameters.
+
+Shared parameters. An LLM uses the same weights at every position. Then the terms of different
+positions land in the same coordinates, the total variance gains sum_{s != t} tr Cov(w_s f_s, w_t f_t),
+and these cross terms can reverse the order: :func:`shared_parameter_moments` (steps 2..T share one
+table) finds problems with Var(full) < Var(cumulative). The per-token claim survives, the claim
+about the whole gradient estimator does not.
 
 Outcome advantage. GRPO-style trainers put the outcome A_t = R(a_1..a_T) at every token (advantage
 "outcome"; no baseline here). Then f_t depends on the tokens after t, and E_mu[rho_t f_t] =
 E_pi[grad log pi(a_t|s_t) Q^mu(s_t, a_t)], the gradient with the *behaviour* policy's Q: the
 cumulative weight is no longer unbiased, the full sequence ratio still is.
 
-Two ways to compute all this exactly: enumerating the V^T sequences (:func:`exact_moments`, any
-problem, small V^T) and forward-backward recursions over the V states of a :class:`MarkovProblem`
-(:func:`markov_exact_moments`, any T). :func:`sampled_moments` gives the Monte Carlo estimates a
-practitioner would have, with standard errors.
+Exact values: enumerating the V^T sequences (:func:`exact_moments`, any problem, small V^T) and
+forward-backward recursions over the V states of a :class:`MarkovProblem` (:func:`markov_exact_moments`,
+any T). Monte Carlo: :func:`sampled_estimators` gives the estimates a practitioner would have, with
+delta-method standard errors, and :func:`independence_ratio` the closed form Var_t(full)/Var_t(cumulative)
+~ prod_{u>t} E_mu[r_u^2] (= m^(T-t)) for independent per-token ratios. Estimating Var(full) from
+samples needs the fourth moment of R, which grows like (E_mu r^4)^T: at long horizons the sampled
+variance of the full-sequence estimator, and its standard error, understate the exact value (compare
+the two in ``ctpo theory --monte-carlo``).
 """
 
 from __future__ import annotations
