@@ -1,0 +1,280 @@
+"""Answer checking: the final ``\\boxed{}`` of a response against the ground truth, with math-verify.
+
+Why a process pool: math-verify enforces its parsing/verification timeouts with SIGALRM, which only
+works in a process's main thread. Called from a worker thread (as the authors' release does) the
+timeout raises immediately and the answer silently scores 0, e.g. ``025`` vs ``25``. Here every
+check runs in the main thread of a long-lived worker process (a fresh interpreter, as with the
+``spawn`` start method: nothing forked from a parent holding torch or Ray threads), where
+math-verify's own timeouts work; the parent additionally enforces a per-answer deadline, and a
+worker that misses it (stuck in C code that no signal interrupts) is killed and replaced, so one
+pathological answer costs one worker restart, never a hang.
+
+The pool is created on first use, kept warm for later batches (training scores every rollout batch)
+and shut down at interpreter exit. ``is_correct`` and ``score_batch`` are safe to call from several
+threads at once.
+
+What is compared: only the content of the LAST complete ``\\boxed{...}`` (or ``\\fbox{...}``) of the
+response, because math-verify parses several boxed answers as a set. The ground truth is used as is
+(a ``\\boxed{}`` around it is removed). Both are parsed as LaTeX math (``$...$``) with math-verify's
+LaTeX and plain-expression extractors; its normalisation removes ``\\text{}``/units/``\\$``/``\\dfrac``
+and compares numbers with 6-digit rounding, so ``025`` = ``25``, ``8.50`` = ``8.5``,
+``1/9`` = ``\\frac{1}{9}`` and ``2^{99}`` = its integer value. A ground truth that math-verify cannot
+parse at all is compared as a whitespace-free string.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds one answer may take in a worker (enforced by the parent) before it is judged wrong."""
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` whose braces balance, else None.
+
+    Escaped braces ``\\{``/``\\}`` inside do not count. A final box cut off by the token limit (never
+    closed) is skipped in favour of the last complete one before it.
+    """
+    for match in reversed(list(_BOXED.finditer(text))):
+        depth, i = 1, match.end()
+        while i < len(text):
+            char = text[i]
+            if char == "\\":
+                i += 2
+                continue
+            if char == "{":
+                depth += 1
+            elif char == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[match.end() : i].strip()
+            i += 1
+    return None
+
+
+def _gold_answer(ground_truth: Any) -> str:
+    gold = str(ground_truth).strip()
+    return extract_boxed(gold) or gold
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker side (runs in the pool processes' main thread, where SIGALRM works).
+
+
+def _parse(answer: str, timeout: int) -> list[Any]:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    return parse(
+        f"${answer}$",
+        extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+        parsing_timeout=timeout,
+    )
+
+
+@lru_cache(maxsize=8192)
+def _parse_gold(gold: str, timeout: int) -> list[Any]:
+    # The same ground truth is checked against every sample of a problem (8 in training, 32 in eval).
+    return _parse(gold, timeout)
+
+
+def _verify(gold: str, answer: str, timeout: int) -> bool:
+    """math-verify's verdict (gold first); a gold it cannot parse falls back to string equality."""
+    from math_verify import verify
+
+    parsed_gold = _parse_gold(gold, timeout)
+    if not parsed_gold:
+        return "".join(gold.split()) == "".join(answer.split())
+    return bool(verify(parsed_gold, _parse(answer, timeout), timeout_seconds=timeout))
+
+
+def _serve(fd: int) -> None:
+    """Worker loop on socket ``fd``: receive ``(gold, answer, timeout)``, send a bool; ``None`` ends it."""
+    import logging
+    import signal
+
+    import math_verify  # noqa: F401  (import once, before signalling readiness)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # a timeout is a verdict, not a warning
+    conn = Connection(fd)
+    conn.send("ready")
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        gold, answer, timeout = task
+        try:
+            conn.send(_verify(gold, answer, timeout))
+        except Exception:
+            conn.send(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent side.
+
+
+class _Worker:
+    """A ``python -c`` child process (not ``multiprocessing``: spawn/forkserver re-run the caller's
+    ``__main__``, which breaks scripts without a main guard) talking over a socket pair."""
+
+    def __init__(self) -> None:
+        self.conn, child = multiprocessing.Pipe(duplex=True)
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", f"from ctpo_cli.scoring import _serve; _serve({child.fileno()})"],
+            pass_fds=[child.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        if not self.conn.poll(timeout) or self.conn.recv() != "ready":
+            self.kill()
+            raise RuntimeError("a math-verify scoring worker did not start")
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+            self.process.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            self.kill()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.conn.close()
+
+
+class ScoringPool:
+    """``size`` math-verify worker processes; each check borrows one idle worker.
+
+    A worker that misses the per-answer deadline (or dies) is killed and replaced by a fresh one,
+    which joins the pool once it has imported math-verify.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix="ctpo-scoring")
+        workers = [_Worker() for _ in range(size)]  # start all, then wait: imports run in parallel
+        for worker in workers:
+            worker.wait_ready()
+            self._idle.put(worker)
+        self._closed = False
+
+    def check(self, gold: str, answer: str, timeout: float) -> bool:
+        """math-verify's verdict for one extracted answer; False when it misses ``timeout`` seconds."""
+        worker = self._idle.get()
+        try:
+            worker.conn.send((gold, answer, max(1, int(timeout / 3))))
+            if worker.conn.poll(timeout):
+                result = bool(worker.conn.recv())
+                self._idle.put(worker)
+                return result
+        except (EOFError, OSError):
+            pass
+        worker.kill()
+        threading.Thread(target=self._replace, daemon=True).start()
+        return False
+
+    def _replace(self) -> None:
+        worker = _Worker()
+        worker.wait_ready()
+        self._idle.put(worker)
+
+    def map(self, golds: Sequence[str], answers: Sequence[str], timeout: float) -> list[bool]:
+        """``check`` for many pairs, as many at once as there are workers."""
+        return list(self._threads.map(lambda g, a: self.check(g, a, timeout), golds, answers))
+
+    def close(self) -> None:
+        """Stop all idle workers (busy ones are daemons and die with the interpreter)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        while True:
+            try:
+                worker = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            worker.stop()
+
+
+_pool: ScoringPool | None = None
+_pool_lock = threading.Lock()
+
+
+def default_workers() -> int:
+    """``$CTPO_SCORING_WORKERS``, else the usable CPU cores, at most 8."""
+    env = os.environ.get("CTPO_SCORING_WORKERS")
+    if env:
+        return max(1, int(env))
+    return max(
+        1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
+
+
+def get_pool() -> ScoringPool:
+    """The module's warm pool, created on first use (``default_workers()`` processes)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ScoringPool(default_workers())
+            atexit.register(shutdown)
+        return _pool
+
+
+def shutdown() -> None:
+    """Stop the module's pool (also registered at exit); the next check starts a new one."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.close()
+            _pool = None
+
+
+def is_correct(response_text: str, ground_truth: Any, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Whether the final ``\\boxed{}`` answer of ``response_text`` equals ``ground_truth``.
+
+    False when there is no complete boxed answer or the check misses ``timeout`` seconds. Thread-safe.
+    """
+    return score_batch([response_text], [ground_truth], timeout)[0]
+
+
+def score_batch(
+    responses: Sequence[str], ground_truths: Sequence[Any], timeout: float = DEFAULT_TIMEOUT
+) -> list[bool]:
+    """``is_correct`` for each pair, spread over the warm worker pool (order preserved)."""
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    answers = [extract_boxed(text) for text in responses]
+    todo = [i for i, answer in enumerate(answers) if answer is not None]
+    results = [False] * len(responses)
+    if todo:
+        verdicts = get_pool().map(
+            [_gold_answer(ground_truths[i]) for i in todo], [answers[i] or "" for i in todo], timeout
+        )
+        for i, verdict in zip(todo, verdicts, strict=True):
+            results[i] = verdict
+    return results
