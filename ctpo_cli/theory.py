@@ -1053,7 +1053,7 @@ class MonteCarloStudy:
                 (
                     w.label,
                     w.formula,
-                    f"{np.mean(column['relative_bias_exact']):.2e}",
+                    f"{np.mean(column['relative_bias_exact']):.2g}",
                     f"{np.mean(column['mean_error_sampled']):.3g} ({np.mean(column['mean_noise_sampled']):.3g})",
                     f"{np.mean(column['variance_exact']):.4g}",
                     _mean_with_error(column["variance_sampled"], column["variance_se"]),
