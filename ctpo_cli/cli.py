@@ -55,12 +55,18 @@ def train(
     ),
     method: str = typer.Option(..., "--method", "-m", help="grpo, gspo, ctpo, ctpo-fixed or seq-is."),
     model: str | None = typer.Option(
-        None, help="verl: model preset (Qwen3-14B [default], Qwen3-4B, qwen3-0.6b-1gpu), preset file or model path."
+        None,
+        help="verl: preset Qwen3-14B (default), Qwen3-4B or qwen3-0.6b-1gpu, a preset file or a model path; "
+        "local: a checkpoint (default: the tiny model).",
     ),
     backend: str = typer.Option("verl", help="verl (GPU cluster, the paper's runs) or local (this machine)."),
     seed: int | None = typer.Option(None, help="Random seed (verl default: the experiment's; local: 0)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="verl: print the composed config and command; run nothing."),
-    experiment: list[Path] = typer.Option([], "--experiment", "-e", help="verl: extra experiment YAML (repeatable)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="verl: print the composed config and command; run nothing."
+    ),
+    experiment: list[Path] = typer.Option(
+        [], "--experiment", "-e", help="verl: extra experiment YAML (repeatable)."
+    ),
     out: Path = typer.Option(Path("runs"), help="Runs directory (one sub-directory per run)."),
     sandbox_url: str | None = typer.Option(
         None, envvar="CTPO_SANDBOX_URL", help="verl: use this sandbox service instead of starting one."
