@@ -224,13 +224,26 @@ class Sandbox:
 
 @contextlib.contextmanager
 def sandbox_for_run(url: str | None) -> Iterator[Sandbox]:
-    """The given service, or one started now and stopped (exactly its process group) on exit."""
-    if url:
-        yield Sandbox(url)
-        return
+    """The given service (it must answer ``/health``), or one started now and stopped (exactly its
+    process group) on exit. ValueError, one line, when neither works."""
+    from sandbox.client import SandboxClient, SandboxUnavailable
     from sandbox.server import running_service
 
-    with running_service() as service:
+    if url:
+        with SandboxClient(url) as client:
+            if not client.health():
+                raise ValueError(
+                    f"the sandbox service at {url} does not answer /health (--sandbox-url, ${SANDBOX_ENV})"
+                )
+        yield Sandbox(url)
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            service = stack.enter_context(running_service())
+        except SandboxUnavailable as error:
+            raise ValueError(
+                f"cannot start the sandbox service ({error}); or give one with --sandbox-url"
+            ) from None
         yield Sandbox(service.url, alive=lambda: service.process.poll() is None)
 
 

@@ -101,6 +101,15 @@ def test_an_existing_sandbox_is_used_and_left_alone(tmp_path: Path, mlflow_db: s
         assert rundir.read_run_info(tmp_path / "run")["sandbox_url"] == service.url
 
 
+def test_a_sandbox_url_that_does_not_answer_is_one_error(tmp_path: Path, mlflow_db: str) -> None:
+    with pytest.raises(ValueError, match=r"sandbox service at http://127\.0\.0\.1:9 does not answer /health"):
+        launch(
+            [sys.executable, "-c", "print('never')"], tmp_path / "run", INFO, sandbox_url="http://127.0.0.1:9"
+        )
+    assert rundir.read_run_info(tmp_path / "run")["status"] == "failed"
+    assert not (tmp_path / "run" / LOG_FILE).exists()
+
+
 GROUP = r"""
 import subprocess, sys, time
 sleeper = subprocess.Popen(["sleep", "60"])
