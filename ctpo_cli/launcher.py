@@ -259,7 +259,12 @@ def launch(
 
     KeyboardInterrupt is re-raised after the run is recorded as killed.
     """
-    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise ValueError(
+            f"run directory {run_dir} already exists; start the run again for a new name"
+        ) from None
     for name, text in (files or {}).items():
         (run_dir / name).write_text(text)
     record = {
