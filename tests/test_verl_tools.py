@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hydra
 import pytest
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ctpo_cli.experiments import EXPERIMENTS_DIR, build_job, compose_experiment
 from ctpo_cli.local.model import CHAT_TEMPLATE, build_tokenizer
@@ -129,16 +130,23 @@ def test_agent_loop_runs_a_tool_turn_end_to_end(
     model = ScriptedModel(tokenizer, [CODE_TURN, ANSWER_TURN])
     tool = PythonSandboxTool({"type": "native", "sandbox_url": service.url})
 
+    agent = config.actor_rollout_ref.rollout.agent
+    (entry,) = [e for e in OmegaConf.load(agent.agent_loop_config_path) if e.name == agent.default_agent_loop]
+
     async def run() -> Any:
-        loop = PythonBlockAgentLoop(
+        # built as verl's AgentLoopWorker builds it, from the experiment's agent-loop file
+        loop = hydra.utils.instantiate(
+            config=entry,
             trainer_config=DictConfigWrap(config),
             server_manager=model,
             tokenizer=tokenizer,
             processor=None,
+            hf_model_type=None,
             dataset_cls=RLHFDataset,
             data_config=DictConfigWrap(config.data),
             tools=ToolListWrap([tool]),
         )
+        assert isinstance(loop, PythonBlockAgentLoop)
         return await loop.run(
             {"temperature": 1.0, "top_p": 1.0}, raw_prompt=[{"role": "user", "content": "What is 6 times 7?"}]
         )
