@@ -230,6 +230,109 @@ def theory(
         console.print(f"wrote {path}")
 
 
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(
+        "", help="Model directory (HF format). Default: the latest checkpoint under runs/."
+    ),
+    benchmarks: str = typer.Option(
+        "",
+        help="Comma-separated benchmark names or .parquet paths. Default: the paper's four (aime25,aime26,hmmt_nov_2025,brumo_2025).",
+    ),
+    n: int = typer.Option(32, "--n", help="Samples per problem: the k of avg@k."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    max_turns: int = typer.Option(5, help="Assistant turns per sample (tool calls <= max_turns - 1)."),
+    max_tokens: int = typer.Option(8000, help="Response token budget, tool output included."),
+    tools: bool = typer.Option(
+        True, "--tools/--no-tools", help="Run the model's python blocks in the sandbox."
+    ),
+    backend: str = typer.Option(
+        "auto", help="auto, hf (transformers), vllm (offline engine) or openai (--base-url)."
+    ),
+    base_url: str = typer.Option(
+        "", help="OpenAI-compatible server, e.g. http://localhost:8000 of `vllm serve`."
+    ),
+    out: str = typer.Option(
+        "", help="Output directory. Default: runs/<run>/eval for a run's checkpoint, else evals/<model>."
+    ),
+    sandbox_url: str = typer.Option(
+        "", help="Sandbox service ($CTPO_SANDBOX_URL); default: start one for the eval."
+    ),
+    data_dir: str = typer.Option("data", help="Where `ctpo data prepare` wrote the benchmarks."),
+    seed: int = typer.Option(0, help="Base seed of the per-sample seeds."),
+    batch_size: int = typer.Option(0, help="Samples generated together (0: the backend's default)."),
+    rescore: bool = typer.Option(False, "--rescore", help="Re-score saved generations; no model is loaded."),
+) -> None:
+    """avg@k with tool-integrated reasoning (the paper's Table 2), resumable; summary in <out>/ and MLflow."""
+    from pathlib import Path
+
+    from ctpo_cli.benchmarks import PAPER_BENCHMARKS
+    from ctpo_cli.evaluate import EvalSettings, resolve_model, run_eval
+
+    settings = EvalSettings(
+        model=resolve_model(model or None, Path(out) if out else None, rescore, console),
+        benchmarks=tuple(b.strip() for b in benchmarks.split(",") if b.strip())
+        if benchmarks
+        else PAPER_BENCHMARKS,
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_turns=max_turns,
+        max_tokens=max_tokens,
+        tools=tools,
+        backend=backend,
+        out=Path(out) if out else None,
+        base_url=base_url or None,
+        sandbox_url=sandbox_url or None,
+        data_dir=data_dir,
+        seed=seed,
+        batch_size=batch_size,
+        rescore=rescore,
+    )
+    run_eval(settings, console)
+
+
+@bench_app.command("scoring")
+def bench_scoring(
+    answers: int = typer.Option(2000, help="Responses to score (8 per ground truth, about half right)."),
+    workers: int = typer.Option(2, help="Worker processes of the scoring pool."),
+    out: str = typer.Option("", help="Also write the table as CSV here."),
+) -> None:
+    """Answers/s of score_batch (math-verify worker pool) vs math-verify called in-process."""
+    from ctpo_cli.scoring import bench_scoring as run_bench
+
+    run_bench(answers=answers, workers=workers, out=out or None, console=console)
+
+
+data_app = typer.Typer(help="Datasets in verl's parquet format.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    datasets: str = typer.Option(
+        "", help="Comma-separated registry names. Default: all, or none with --from-file."
+    ),
+    from_file: list[str] = typer.Option(
+        [], help="NAME=PATH of a local parquet/JSON/JSONL/CSV file (repeatable)."
+    ),
+    out: str = typer.Option("data", help="Output directory."),
+) -> None:
+    """Write DeepScaleR and the benchmarks as verl parquet (<out>/<name>.parquet), from the hub or local files."""
+    from rich.table import Table
+
+    from ctpo_cli.data import prepare
+
+    names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
+    table = Table(title="ctpo data prepare")
+    for column in ("dataset", "rows", "file", "source"):
+        table.add_column(column)
+    for item in prepare(names, from_file, out):
+        table.add_row(item.name, str(item.rows), str(item.path), item.source)
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: user errors become one red line (CTPO_DEBUG=1 shows the traceback)."""
     try:

@@ -25,6 +25,7 @@ parse at all is compared as a whitespace-free string.
 from __future__ import annotations
 
 import atexit
+import math
 import multiprocessing
 import os
 import queue
@@ -93,18 +94,21 @@ def _parse_gold(gold: str, timeout: int) -> list[Any]:
     return _parse(gold, timeout)
 
 
-def _verify(gold: str, answer: str, timeout: int) -> bool:
-    """math-verify's verdict (gold first); a gold it cannot parse falls back to string equality."""
+def _verify(gold: str, answer: str, timeout: int, parse_gold: Any = None) -> bool:
+    """math-verify's verdict (gold first); a gold it cannot parse falls back to string equality.
+
+    ``parse_gold`` defaults to the cached gold parser of the workers."""
     from math_verify import verify
 
-    parsed_gold = _parse_gold(gold, timeout)
+    parsed_gold = (parse_gold or _parse_gold)(gold, timeout)
     if not parsed_gold:
         return "".join(gold.split()) == "".join(answer.split())
     return bool(verify(parsed_gold, _parse(answer, timeout), timeout_seconds=timeout))
 
 
 def _serve(fd: int) -> None:
-    """Worker loop on socket ``fd``: receive ``(gold, answer, timeout)``, send a bool; ``None`` ends it."""
+    """Worker loop on socket ``fd``: receive ``([(gold, answer), ...], timeout)`` and send one bool per
+    pair as soon as it is known; ``None`` ends it."""
     import logging
     import signal
 
@@ -118,11 +122,12 @@ def _serve(fd: int) -> None:
         task = conn.recv()
         if task is None:
             return
-        gold, answer, timeout = task
-        try:
-            conn.send(_verify(gold, answer, timeout))
-        except Exception:
-            conn.send(False)
+        pairs, timeout = task
+        for gold, answer in pairs:  # one verdict at a time: the parent times each answer
+            try:
+                conn.send(_verify(gold, answer, timeout))
+            except Exception:
+                conn.send(False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,18 +190,31 @@ class ScoringPool:
 
     def check(self, gold: str, answer: str, timeout: float) -> bool:
         """math-verify's verdict for one extracted answer; False when it misses ``timeout`` seconds."""
-        worker = self._idle.get()
-        try:
-            worker.conn.send((gold, answer, max(1, int(timeout / 3))))
-            if worker.conn.poll(timeout):
-                result = bool(worker.conn.recv())
+        return self._run(((gold, answer),), timeout)[0]
+
+    def _run(self, pairs: Sequence[tuple[str, str]], timeout: float) -> list[bool]:
+        """Verdicts for ``pairs`` from one borrowed worker, each due ``timeout`` s after the previous.
+
+        A worker that misses a deadline (or dies) is killed and replaced, that answer is judged wrong,
+        and the remaining pairs go to the next idle worker.
+        """
+        verdicts: list[bool] = []
+        while len(verdicts) < len(pairs):
+            rest = pairs[len(verdicts) :]
+            worker = self._idle.get()
+            try:
+                worker.conn.send((list(rest), max(1, int(timeout / 3))))
+                while len(verdicts) < len(pairs) and worker.conn.poll(timeout):
+                    verdicts.append(bool(worker.conn.recv()))
+            except (EOFError, OSError):
+                pass
+            if len(verdicts) == len(pairs):
                 self._idle.put(worker)
-                return result
-        except (EOFError, OSError):
-            pass
-        worker.kill()
-        threading.Thread(target=self._replace, daemon=True).start()
-        return False
+                break
+            verdicts.append(False)
+            worker.kill()
+            threading.Thread(target=self._replace, daemon=True).start()
+        return verdicts
 
     def _replace(self) -> None:
         worker = _Worker()
@@ -204,8 +222,11 @@ class ScoringPool:
         self._idle.put(worker)
 
     def map(self, golds: Sequence[str], answers: Sequence[str], timeout: float) -> list[bool]:
-        """``check`` for many pairs, as many at once as there are workers."""
-        return list(self._threads.map(lambda g, a: self.check(g, a, timeout), golds, answers))
+        """Verdicts for many pairs: chunks of up to 32 sent to the workers in parallel."""
+        pairs = list(zip(golds, answers, strict=True))
+        size = max(1, min(32, math.ceil(len(pairs) / (4 * self.size))))
+        chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
+        return [v for chunk in self._threads.map(lambda c: self._run(c, timeout), chunks) for v in chunk]
 
     def close(self) -> None:
         """Stop all idle workers (busy ones are daemons and die with the interpreter)."""
@@ -263,18 +284,134 @@ def is_correct(response_text: str, ground_truth: Any, timeout: float = DEFAULT_T
 
 
 def score_batch(
-    responses: Sequence[str], ground_truths: Sequence[Any], timeout: float = DEFAULT_TIMEOUT
+    responses: Sequence[str],
+    ground_truths: Sequence[Any],
+    timeout: float = DEFAULT_TIMEOUT,
+    pool: ScoringPool | None = None,
 ) -> list[bool]:
-    """``is_correct`` for each pair, spread over the warm worker pool (order preserved)."""
+    """``is_correct`` for each pair, spread over the workers (order preserved).
+
+    ``pool`` defaults to the module's warm pool (``get_pool()``).
+    """
     if len(responses) != len(ground_truths):
         raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
     answers = [extract_boxed(text) for text in responses]
     todo = [i for i, answer in enumerate(answers) if answer is not None]
     results = [False] * len(responses)
     if todo:
-        verdicts = get_pool().map(
+        verdicts = (pool or get_pool()).map(
             [_gold_answer(ground_truths[i]) for i in todo], [answers[i] or "" for i in todo], timeout
         )
         for i, verdict in zip(todo, verdicts, strict=True):
             results[i] = verdict
     return results
+
+
+# --------------------------------------------------------------------------------------------------
+# ``ctpo bench scoring``
+
+
+def synthetic_answers(count: int, group: int = 8, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``count`` responses and their ground truths, shaped like a rollout batch.
+
+    Ground truths of the kinds the benchmarks have (AIME integers, fractions, surds, decimals, powers);
+    ``group`` responses per ground truth (a GRPO group), each ~1 KB of text ending in a boxed answer
+    that is an equivalent rewriting (``025``, ``1/9``, ``8.50``, ``2^{10}`` as 1024) or a wrong value.
+    """
+    import random
+
+    rng = random.Random(seed)
+    filler = "Let x be the quantity we want; substituting and simplifying gives the expression below. " * 12
+    responses: list[str] = []
+    truths: list[str] = []
+    while len(responses) < count:
+        a, b, c = rng.randint(1, 999), rng.randint(2, 97), rng.randint(2, 30)
+        kind = rng.randrange(5)
+        if kind == 0:
+            truth, right, wrong = str(a), f"{a:03d}", str(a + 1)
+        elif kind == 1:
+            truth, right, wrong = f"\\frac{{{a}}}{{{b}}}", f"{a}/{b}", f"\\frac{{{a + 1}}}{{{b}}}"
+        elif kind == 2:
+            truth, right, wrong = (
+                f"{a}+{b}\\sqrt{{{c}}}",
+                f"{b}\\sqrt{{{c}}}+{a}",
+                f"{a}+{b}\\sqrt{{{c + 1}}}",
+            )
+        elif kind == 3:
+            truth, right, wrong = f"{a}.5", f"{a}.50", f"{a}.25"
+        else:
+            truth, right, wrong = f"2^{{{c}}}", str(2**c), str(2**c + 2)
+        for _ in range(group):
+            answer = right if rng.random() < 0.5 else wrong
+            responses.append(f"{filler}\nSo the answer is $\\boxed{{{answer}}}$.")
+            truths.append(truth)
+    return responses[:count], truths[:count]
+
+
+def _in_process(responses: Sequence[str], truths: Sequence[str]) -> list[bool]:
+    """The baseline: math-verify called directly in this process's main thread, one answer at a time
+    (same final-box extraction and parsing as the workers, no pool, no cache)."""
+    verdicts = []
+    for response, truth in zip(responses, truths, strict=True):
+        answer = extract_boxed(response)
+        verdicts.append(answer is not None and _verify(_gold_answer(truth), answer, 3, parse_gold=_parse))
+    return verdicts
+
+
+def bench_scoring(answers: int, workers: int, out: str | None, console: Any) -> list[dict[str, Any]]:
+    """Answers/s of ``score_batch`` on a ``workers``-process pool vs math-verify in-process.
+
+    The pool is started (and math-verify imported) before timing; both runs score the same answers
+    and must agree on every verdict.
+    """
+    import time
+
+    import pandas as pd
+    from rich.table import Table
+
+    responses, truths = synthetic_answers(answers)
+    _in_process(responses[:8], truths[:8])  # import and warm math-verify here too
+    start = time.perf_counter()
+    baseline = _in_process(responses, truths)
+    baseline_s = time.perf_counter() - start
+    pool = ScoringPool(workers)
+    try:
+        start = time.perf_counter()
+        pooled = score_batch(responses, truths, pool=pool)
+        pooled_s = time.perf_counter() - start
+    finally:
+        pool.close()
+    if pooled != baseline:
+        raise RuntimeError(
+            f"verdicts differ on {sum(a != b for a, b in zip(pooled, baseline, strict=True))} answers"
+        )
+    rows: list[dict[str, Any]] = [
+        {
+            "method": "math-verify in-process (baseline)",
+            "workers": 1,
+            "answers": answers,
+            "seconds": baseline_s,
+        },
+        {"method": "score_batch (worker pool)", "workers": workers, "answers": answers, "seconds": pooled_s},
+    ]
+    for row in rows:
+        row["answers_per_s"] = answers / row["seconds"]
+        row["speedup"] = baseline_s / row["seconds"]
+    table = Table(
+        title=f"Scoring throughput, {answers} answers ({sum(baseline)} right), {os.cpu_count()} CPUs"
+    )
+    for column in ("method", "workers", "seconds", "answers/s", "vs baseline"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(
+            row["method"],
+            str(row["workers"]),
+            f"{row['seconds']:.2f}",
+            f"{row['answers_per_s']:.0f}",
+            f"{row['speedup']:.2f}x",
+        )
+    console.print(table)
+    if out:
+        pd.DataFrame(rows).to_csv(out, index=False)
+        console.print(f"wrote {out}")
+    return rows

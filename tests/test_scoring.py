@@ -97,10 +97,10 @@ def test_stuck_worker_is_killed_and_replaced() -> None:
         (worker,) = list(pool._idle.queue)
         os.kill(worker.process.pid, signal.SIGSTOP)  # a worker that no signal-based timeout can save
         start = time.monotonic()
-        assert pool.check("25", "25", timeout=1.0) is False
-        assert time.monotonic() - start < 5
+        # The first answer misses its 3 s deadline; the other two go to the replacement worker.
+        assert pool.map(["25", "25", "8.5"], ["25", "025", "8.50"], timeout=3.0) == [False, True, True]
+        assert time.monotonic() - start < 30
         assert worker.process.poll() is not None  # killed
-        assert pool.check("25", "025", timeout=10.0) is True  # by a fresh worker
         (replacement,) = list(pool._idle.queue)
         assert replacement.process.pid != worker.process.pid
     finally:
