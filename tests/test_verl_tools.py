@@ -12,7 +12,7 @@ from typing import Any
 import hydra
 import pytest
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ctpo_cli.experiments import EXPERIMENTS_DIR, build_job, compose_experiment
 from ctpo_cli.local.model import CHAT_TEMPLATE, build_tokenizer
@@ -131,7 +131,9 @@ def test_agent_loop_runs_a_tool_turn_end_to_end(
     tool = PythonSandboxTool({"type": "native", "sandbox_url": service.url})
 
     agent = config.actor_rollout_ref.rollout.agent
-    (entry,) = [e for e in OmegaConf.load(agent.agent_loop_config_path) if e.name == agent.default_agent_loop]
+    entries = OmegaConf.load(agent.agent_loop_config_path)
+    assert isinstance(entries, ListConfig)
+    (entry,) = [e for e in entries if e.name == agent.default_agent_loop]
 
     async def run() -> Any:
         # built as verl's AgentLoopWorker builds it, from the experiment's agent-loop file
