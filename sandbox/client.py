@@ -74,10 +74,9 @@ class SandboxClient:
     def health(self) -> bool:
         """True when the service answers ``GET /health`` with status ok; False if unreachable or unwell."""
         try:
-            response = self._http.get("/health", timeout=5.0)
-        except httpx.HTTPError:
+            return bool(self._http.get("/health", timeout=5.0).json().get("status") == "ok")
+        except (httpx.HTTPError, ValueError, AttributeError):  # unreachable, or not this service
             return False
-        return response.status_code == 200 and response.json().get("status") == "ok"
 
     def close(self) -> None:
         self._http.close()

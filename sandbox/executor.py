@@ -2,8 +2,8 @@
 
 What a program sees (``isolate=True``):
 
-- namespaces: its own PID, network (empty: no interface but a down loopback), IPC, UTS and cgroup
-  namespaces; a user namespace too (the service's own when it is not root, else the launcher's);
+- namespaces: its own PID, network (nothing but its own loopback), IPC, UTS and cgroup namespaces, and a
+  user namespace: bwrap's, or when the service runs as root the launcher's, made after dropping root;
 - files: /usr and the interpreter's installation (prefix and site-packages) read-only, a fresh /proc and
   minimal /dev, private size-capped tmpfs at /workspace (its working directory, holding main.py), /tmp and
   /dev/shm; nothing else of the host: no home, no project tree, no /etc but the loader cache, no host /tmp;
@@ -209,39 +209,37 @@ async def execute(
         ready_read, ready_write = os.pipe()
         try:
             command = _command(config, host_dir, ready_write, run_timeout, memory_mb)
-            env = _environment(WORKDIR if config.isolate else host_dir)
-            return await _run(config, command, host_dir, env, ready_read, ready_write, stdin, run_timeout)
+            pipe = asyncio.subprocess.PIPE
+            start = time.monotonic()
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *command,
+                    stdin=pipe,
+                    stdout=pipe,
+                    stderr=pipe,
+                    cwd=host_dir,
+                    env=_environment(WORKDIR if config.isolate else host_dir),
+                    pass_fds=(ready_write,),
+                    start_new_session=True,
+                )
+            except OSError as error:
+                return RunResult("Error", message=f"could not start the sandbox: {error}")
+            finally:
+                os.close(ready_write)
+            return await _supervise(config, process, start, stdin, run_timeout, ready_read)
         finally:
             os.close(ready_read)
 
 
-async def _run(
+async def _supervise(
     config: SandboxConfig,
-    command: list[str],
-    cwd: str,
-    env: dict[str, str],
-    ready_read: int,
-    ready_write: int,
+    process: asyncio.subprocess.Process,
+    start: float,
     stdin: str,
     run_timeout: float,
+    ready_read: int,
 ) -> RunResult:
-    pipe = asyncio.subprocess.PIPE
-    start = time.monotonic()
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=pipe,
-            stdout=pipe,
-            stderr=pipe,
-            cwd=cwd,
-            env=env,
-            pass_fds=(ready_write,),
-            start_new_session=True,
-        )
-    except OSError as error:
-        return RunResult("Error", message=f"could not start the sandbox: {error}")
-    finally:
-        os.close(ready_write)
+    """Feed stdin, collect capped output, enforce the timeout, and classify the outcome."""
     stdout, stderr = _Capture(config.output_limit), _Capture(config.output_limit)
     io = asyncio.gather(
         _pump(process.stdout, stdout),
@@ -260,11 +258,6 @@ async def _run(
     elapsed = time.monotonic() - start
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(io, OUTPUT_GRACE_S)
-    os.set_blocking(ready_read, False)
-    try:
-        started = os.read(ready_read, 1) == b"1"
-    except BlockingIOError:
-        started = False
     code = 128 - code if code < 0 else code
     result = RunResult(
         status="Finished",
@@ -276,13 +269,22 @@ async def _run(
     )
     if timed_out:
         result.status, result.return_code = "TimeLimitExceeded", None
-    elif not started:
+    elif not _launched(ready_read):
         result.status = "Error"
         reason = result.stderr.strip() or "no error message"
         result.message = f"the sandbox failed to start (exit code {code}): {reason}"
     elif code == 128 + signal.SIGXCPU:
         result.status = "TimeLimitExceeded"
     return result
+
+
+def _launched(ready_read: int) -> bool:
+    """Whether the launcher reported the sandbox ready (read once everything holding the pipe is gone)."""
+    os.set_blocking(ready_read, False)
+    try:
+        return os.read(ready_read, 1) == b"1"
+    except BlockingIOError:
+        return False
 
 
 def check_isolation(config: SandboxConfig) -> None:

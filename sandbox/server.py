@@ -161,18 +161,21 @@ def create_app(config: SandboxConfig) -> FastAPI:
                 422, f"memory_limit_MB: at most {config.max_memory_mb}, got {payload.memory_limit_MB}"
             )
         load["waiting"] += 1
-        async with slots:
+        try:
+            await slots.acquire()
+        finally:
             load["waiting"] -= 1
-            load["running"] += 1
-            try:
-                result = await execute(
-                    config, payload.code, payload.stdin or "", payload.run_timeout, payload.memory_limit_MB
-                )
-            except Exception as error:  # a bug of ours must still answer in the protocol, and be logged
-                logger.exception("sandbox execution failed")
-                result = RunResult("Error", message=f"internal sandbox error: {error!r}")
-            finally:
-                load["running"] -= 1
+        load["running"] += 1
+        try:
+            result = await execute(
+                config, payload.code, payload.stdin or "", payload.run_timeout, payload.memory_limit_MB
+            )
+        except Exception as error:  # a bug of ours must still answer in the protocol, and be logged
+            logger.exception("sandbox execution failed")
+            result = RunResult("Error", message=f"internal sandbox error: {error!r}")
+        finally:
+            load["running"] -= 1
+            slots.release()
         return to_response(result)
 
     return app
@@ -298,12 +301,9 @@ def _wait_until_healthy(service: Service, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     with SandboxClient(service.url) as client:
         while not client.health():
-            if service.process.poll() is not None or time.monotonic() > deadline:
-                lines = [line for line in service.log().splitlines() if line.strip()]
-                state = (
-                    f"exited ({service.process.returncode})"
-                    if service.process.returncode is not None
-                    else (f"not healthy after {timeout:g} s")
-                )
-                raise SandboxUnavailable(f"sandbox service {state}: {lines[-1] if lines else 'no output'}")
+            code = service.process.poll()
+            if code is not None or time.monotonic() > deadline:
+                state = f"exited with code {code}" if code is not None else f"not healthy after {timeout:g} s"
+                last = ([line for line in service.log().splitlines() if line.strip()] or ["no output"])[-1]
+                raise SandboxUnavailable(f"sandbox service {state}: {last}")
             time.sleep(0.05)

@@ -23,9 +23,10 @@ pytestmark = pytest.mark.usefixtures("contained")
 LIMITS = SandboxConfig()
 
 
-def run(client: SandboxClient, code: str, **options: object) -> RunResult:
-    options.setdefault("run_timeout", 5.0)
-    return client.run_code(textwrap.dedent(code), **options)  # type: ignore[arg-type]
+def run(
+    client: SandboxClient, code: str, stdin: str = "", run_timeout: float = 5.0, memory_limit_mb: int = 1024
+) -> RunResult:
+    return client.run_code(textwrap.dedent(code), stdin, run_timeout, memory_limit_mb)
 
 
 def finished(result: RunResult) -> str:

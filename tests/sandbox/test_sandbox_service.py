@@ -63,7 +63,16 @@ def test_unsafe_no_isolation_is_loud_and_really_unisolated(
 
 def test_response_follows_the_sandboxfusion_schema(service: Service) -> None:
     def post(code: str, run_timeout: float = 5) -> dict[str, Any]:
-        request = {"code": code, "language": "python", "run_timeout": run_timeout, "memory_limit_MB": -1}
+        request = {  # the payload verl's SandboxFusion client sends
+            "compile_timeout": 10,
+            "run_timeout": run_timeout,
+            "code": code,
+            "stdin": "",
+            "memory_limit_MB": 1024,
+            "language": "python",
+            "files": {},
+            "fetch_files": [],
+        }
         response = httpx.post(f"{service.url}/run_code", json=request, timeout=30)
         assert response.status_code == 200
         return response.json()
