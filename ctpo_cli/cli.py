@@ -122,6 +122,7 @@ def bench_loss(
 
     bench_losses(batch=batch, length=length, repeats=repeats, device=device, out=out or None, console=console)
 
+
 @bench_app.command("sandbox")
 def bench_sandbox(
     requests: int = typer.Option(200, help="Timed runs per runner and concurrency level (after a warm-up)."),
@@ -151,7 +152,7 @@ def sandbox_serve(
         None, help="Programs running at once per worker (default: number of CPUs); others queue."
     ),
     unsafe_no_isolation: bool = typer.Option(
-        False, "--unsafe-no-isolation", help="Run programs WITHOUT bubblewrap isolation (disposable hosts only)."
+        False, "--unsafe-no-isolation", help="Run programs WITHOUT bubblewrap isolation (throwaway hosts)."
     ),
 ) -> None:
     """SandboxFusion-compatible POST /run_code and GET /health; refuses to start without bubblewrap."""
