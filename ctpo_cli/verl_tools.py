@@ -17,8 +17,9 @@ extension points, without a fork:
   ``agent.agent_loop_config_path`` (``experiments/verl/agent_loops.yaml``) with three changes:
   tool schemas stay out of the chat template (Qwen3's template would otherwise add a "# Tools" section
   asking for ``<tool_call>`` JSON, contradicting the system prompt), generation stops at
-  ``tools.STOP_STRINGS``, and a conversation without a system message gets ``tools.SYSTEM_PROMPT``
-  (``ctpo data prepare`` already writes it into every prompt).
+  ``tools.STOP_STRINGS`` with the turn then closed like a finished one (:class:`StopStringGenerator`),
+  and a conversation without a system message gets ``tools.SYSTEM_PROMPT`` (``ctpo data prepare``
+  already writes it into every prompt).
 
 Registration: importing this module registers the parser. verl imports it in every agent-loop worker
 (a Ray actor) when it loads the tool class named in the tool config and when it instantiates the agent
@@ -30,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
 from verl.experimental.agent_loop.tool_agent_loop import ToolAgentLoop
@@ -153,12 +154,56 @@ class PythonBlockAgentLoop(ToolAgentLoop):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tool_schemas = []  # the tools stay callable; only the chat template no longer lists them
+        self.server_manager = cast(Any, StopStringGenerator(self.server_manager, self.tokenizer))
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
-        stops = [*(sampling_params.get("stop") or []), *STOP_STRINGS]
         kwargs["raw_prompt"] = with_system_prompt(list(kwargs["raw_prompt"]))
-        output: AgentLoopOutput = await super().run({**sampling_params, "stop": stops}, **kwargs)
+        output: AgentLoopOutput = await super().run(sampling_params, **kwargs)
         return output
+
+
+class StopStringGenerator:
+    """Wraps verl's LLM client: generation stops at :data:`STOP_STRINGS`, and a turn cut there ends
+    like any finished turn.
+
+    vLLM returns the tokens that spelled the stop string and no end-of-turn token, so the chat would
+    go on inside the assistant turn. Those tokens are replaced by the end-of-turn token (log-prob 0):
+    the turn is what ``ctpo eval`` records (the stop string is not part of it) and the tool message
+    follows a closed turn, as after a model that stopped by itself.
+    """
+
+    def __init__(self, client: Any, tokenizer: Any) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    async def generate(self, *, sampling_params: dict[str, Any], **kwargs: Any) -> Any:
+        stops = [*(sampling_params.get("stop") or []), *STOP_STRINGS]
+        output = await self.client.generate(sampling_params={**sampling_params, "stop": stops}, **kwargs)
+        cut = stop_string_tokens(self.tokenizer, output.token_ids)
+        if cut:
+            keep = len(output.token_ids) - cut
+            output.token_ids = [*output.token_ids[:keep], self.tokenizer.eos_token_id]
+            if output.log_probs is not None:
+                output.log_probs = [*output.log_probs[:keep], 0.0]
+        return output
+
+
+def stop_string_tokens(tokenizer: Any, token_ids: list[int]) -> int:
+    """How many trailing tokens spell (part of) a stop string the turn ends with; 0 if it does not."""
+    if not token_ids or token_ids[-1] == tokenizer.eos_token_id:
+        return 0
+    text = tokenizer.decode(token_ids, skip_special_tokens=True).rstrip()
+    stop = next((stop for stop in STOP_STRINGS if text.endswith(stop)), None)
+    if stop is None:
+        return 0
+    before = text[: len(text) - len(stop)]
+    for keep in range(len(token_ids) - 1, -1, -1):
+        if before.startswith(tokenizer.decode(token_ids[:keep], skip_special_tokens=True)):
+            return len(token_ids) - keep
+    return len(token_ids)
 
 
 def with_system_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -18,7 +18,15 @@ from ctpo_cli.experiments import EXPERIMENTS_DIR, build_job, compose_experiment
 from ctpo_cli.local.model import CHAT_TEMPLATE, build_tokenizer
 from ctpo_cli.reward import compute_score
 from ctpo_cli.tools import STOP_STRINGS, SYSTEM_PROMPT
-from ctpo_cli.verl_tools import PARSER_NAME, TOOL_NAME, PythonBlockAgentLoop, PythonSandboxTool, python_call
+from ctpo_cli.verl_tools import (
+    PARSER_NAME,
+    TOOL_NAME,
+    PythonBlockAgentLoop,
+    PythonSandboxTool,
+    StopStringGenerator,
+    python_call,
+    stop_string_tokens,
+)
 from sandbox.client import SandboxClient
 from sandbox.server import Service, running_service
 
@@ -104,7 +112,8 @@ class ScriptedModel:
         self.requests.append(
             {"prompt": self.tokenizer.decode(prompt_ids), "sampling_params": sampling_params}
         )
-        ids = self.tokenizer.encode(self.turns.pop(0) + "<|im_end|>")
+        turn = self.turns.pop(0)
+        ids = self.tokenizer.encode(turn if turn.endswith(tuple(STOP_STRINGS)) else turn + "<|im_end|>")
         return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), stop_reason="completed")
 
 
@@ -119,6 +128,24 @@ def small_config(tmp_path: Path) -> DictConfig:
     return build_job(experiment).config
 
 
+def test_a_turn_cut_at_the_stop_string_ends_like_a_finished_turn(tokenizer: Any) -> None:
+    from verl.workers.rollout.replica import TokenOutput
+
+    class Client:
+        async def generate(self, *, sampling_params: dict[str, Any], **_: Any) -> TokenOutput:
+            assert sampling_params["stop"] == ["</s>", *STOP_STRINGS]
+            ids = tokenizer.encode(CODE_TURN + "\n```output")  # vLLM keeps the stop string's tokens
+            return TokenOutput(token_ids=ids, log_probs=[-1.0] * len(ids))
+
+    output = asyncio.run(
+        StopStringGenerator(Client(), tokenizer).generate(sampling_params={"stop": ["</s>"]})
+    )
+    assert tokenizer.decode(output.token_ids) == CODE_TURN + "\n<|im_end|>"
+    assert output.log_probs == [-1.0] * (len(output.token_ids) - 1) + [0.0]
+    finished = tokenizer.encode(CODE_TURN + "<|im_end|>")
+    assert stop_string_tokens(tokenizer, finished) == 0 and stop_string_tokens(tokenizer, finished[:-1]) == 0
+
+
 def test_agent_loop_runs_a_tool_turn_end_to_end(
     tokenizer: Any, service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,7 +154,9 @@ def test_agent_loop_runs_a_tool_turn_end_to_end(
 
     monkeypatch.setenv("CTPO_SANDBOX_URL", service.url)
     config = small_config(tmp_path)
-    model = ScriptedModel(tokenizer, [CODE_TURN, ANSWER_TURN])
+    model = ScriptedModel(
+        tokenizer, [CODE_TURN + "\n```output", ANSWER_TURN]
+    )  # the first cut at the stop string
     tool = PythonSandboxTool({"type": "native", "sandbox_url": service.url})
 
     agent = config.actor_rollout_ref.rollout.agent
@@ -164,7 +193,7 @@ def test_agent_loop_runs_a_tool_turn_end_to_end(
 
     response = tokenizer.decode(output.response_ids)
     assert response.startswith(CODE_TURN) and response.rstrip().endswith(ANSWER_TURN + "<|im_end|>")
-    code_tokens = len(tokenizer.encode(CODE_TURN + "<|im_end|>"))
+    code_tokens = len(tokenizer.encode(CODE_TURN + "\n<|im_end|>"))  # "```output" replaced by the end of turn
     answer_tokens = len(tokenizer.encode(ANSWER_TURN + "<|im_end|>"))
     context_tokens = len(output.response_ids) - code_tokens - answer_tokens  # tool message + chat scaffolding
     assert output.response_mask == [1] * code_tokens + [0] * context_tokens + [1] * answer_tokens
