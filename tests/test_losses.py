@@ -295,6 +295,35 @@ def verl_actor_config(**kwargs: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
+# Signature
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_signature_is_verls(name: str) -> None:
+    """Same parameter names, order and defaults as verl's registered policy losses."""
+    import inspect
+
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    ours = inspect.signature(get_policy_loss(name)).parameters
+    theirs = inspect.signature(get_policy_loss_fn("vanilla")).parameters
+    assert (
+        list(ours)
+        == list(theirs)
+        == [
+            "old_log_prob",
+            "log_prob",
+            "advantages",
+            "response_mask",
+            "loss_agg_mode",
+            "config",
+            "rollout_is_weights",
+        ]
+    )
+    assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
+
+
+# --------------------------------------------------------------------------------------------------
 # Against the installed verl
 
 

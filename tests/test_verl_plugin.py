@@ -35,6 +35,69 @@ def clean_plugin() -> Iterator[None]:
     verl_plugin.reset_diagnostics()
 
 
+# --------------------------------------------------------------------------------------------------
+# The two slow checks each wait on a fresh process importing verl (seconds of CPU): both are started
+# when the module's first test runs and collected by the last two tests, so they overlap the rest.
+
+
+def broken_plugin_package(root: Path) -> Path:
+    """A `ctpo_cli` package with the real verl_plugin.py and losses.py but a diagnostics.py that raises."""
+    package = root / "ctpo_cli"
+    package.mkdir(parents=True)
+    real = Path(ctpo_cli.__file__).parent
+    for name in ("__init__.py", "verl_plugin.py", "losses.py"):
+        shutil.copy(real / name, package / name)
+    (package / "diagnostics.py").write_text(
+        'raise ImportError("simulated broken dependency of diagnostics")\n'
+    )
+    return package
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slow_jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    import ray
+
+    def registry_in_ray_worker() -> tuple[int, bool, list[str]]:  # nested: pickled by value for the worker
+        plugin_before = "ctpo_cli.verl_plugin" in sys.modules
+        import verl  # noqa: F401 - the verl.plugins entry point is loaded here
+        from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+        return os.getpid(), plugin_before, sorted(k for k in POLICY_LOSS_REGISTRY if k.startswith("ctpo/"))
+
+    shadow = tmp_path_factory.mktemp("shadow")
+    package = broken_plugin_package(shadow)
+    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_PLUGINS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow), *filter(None, [os.environ.get("PYTHONPATH")])])
+    script = (
+        "import verl\n"
+        "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as registry\n"
+        "print(sorted(k for k in registry if k.startswith('ctpo/')))\n"
+    )
+    broken = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=shadow,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        yield {
+            "package": package,
+            "broken": broken,
+            "ray_result": ray.remote(registry_in_ray_worker).remote(),
+        }
+    finally:
+        if broken.poll() is None:
+            broken.kill()
+            broken.communicate()
+        if started:
+            ray.shutdown()
+
+
 def test_registered_in_this_process() -> None:
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, get_policy_loss_fn
 
@@ -45,29 +108,6 @@ def test_registered_in_this_process() -> None:
     )
     # the registered function is ours
     assert get_policy_loss_fn("ctpo/ctpo").__doc__ == get_policy_loss("ctpo").__doc__
-
-
-def test_ray_worker_sees_registered_losses() -> None:
-    import ray
-
-    def registry_in_worker() -> tuple[int, bool, list[str]]:
-        plugin_before = "ctpo_cli.verl_plugin" in sys.modules
-        import verl  # noqa: F401 - the verl.plugins entry point is loaded here
-        from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
-
-        return os.getpid(), plugin_before, sorted(k for k in POLICY_LOSS_REGISTRY if k.startswith("ctpo/"))
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        pid, plugin_before, names = ray.get(ray.remote(registry_in_worker).remote(), timeout=120)
-    finally:
-        if started:
-            ray.shutdown()
-    assert pid != os.getpid()
-    assert not plugin_before  # a fresh worker: it was `import verl` that brought the plugin in
-    assert names == sorted(f"ctpo/{name}" for name in NAMES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,8 +176,8 @@ HPARAMS: dict[str, dict[str, float]] = {
 def actor_config(name: str, loss_agg_mode: str = "token-mean", **policy_loss: Any) -> Any:
     from verl.workers.config import ActorConfig
 
-    ppo = {k: v for k, v in HPARAMS[name].items() if k.startswith("clip_ratio")}
-    ctpo = {k: v for k, v in HPARAMS[name].items() if k.startswith("ctpo_")}
+    ppo: dict[str, Any] = {k: v for k, v in HPARAMS[name].items() if k.startswith("clip_ratio")}
+    ctpo: dict[str, Any] = {k: v for k, v in HPARAMS[name].items() if k.startswith("ctpo_")}
     return ActorConfig(
         strategy="fsdp",
         rollout_n=8,
@@ -270,32 +310,24 @@ def test_hydra_config_route() -> None:
     assert method_hparams("ctpo", cfg.actor_rollout_ref.actor) == pytest.approx(values)
 
 
-def test_plugin_import_failure_is_loud(tmp_path: Path) -> None:
+def test_ray_worker_sees_registered_losses(slow_jobs: dict[str, Any]) -> None:
+    """A real Ray worker process: `import verl` there registers the ctpo/* losses."""
+    import ray
+
+    pid, plugin_before, names = ray.get(slow_jobs["ray_result"], timeout=180)
+    assert pid != os.getpid()
+    assert not plugin_before  # a fresh worker: it was `import verl` that brought the plugin in
+    assert names == sorted(f"ctpo/{name}" for name in NAMES)
+
+
+def test_plugin_import_failure_is_loud(slow_jobs: dict[str, Any]) -> None:
     """A plugin that fails to import is logged by verl at DEBUG only; ours prints to stderr.
 
     A `ctpo_cli` package first on PYTHONPATH holds the real verl_plugin.py and losses.py but a
-    diagnostics.py that raises ImportError: `import verl` loads the entry point from there."""
-    shadow = tmp_path / "shadow"
-    package = shadow / "ctpo_cli"
-    package.mkdir(parents=True)
-    real = Path(ctpo_cli.__file__).parent
-    for name in ("__init__.py", "verl_plugin.py", "losses.py"):
-        shutil.copy(real / name, package / name)
-    (package / "diagnostics.py").write_text(
-        'raise ImportError("simulated broken dependency of diagnostics")\n'
-    )
-    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_PLUGINS"}
-    env["PYTHONPATH"] = os.pathsep.join([str(shadow), *filter(None, [os.environ.get("PYTHONPATH")])])
-    script = (
-        "import verl\n"
-        "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as registry\n"
-        "print(sorted(k for k in registry if k.startswith('ctpo/')))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr  # verl swallows the exception ...
-    assert result.stdout.strip().splitlines()[-1] == "[]"  # ... and the losses are missing
-    assert LOUD_FAILURE in result.stderr  # ... but the plugin said so, with the cause
-    assert "simulated broken dependency of diagnostics" in result.stderr
-    assert str(package / "verl_plugin.py") in result.stderr
+    diagnostics.py that raises ImportError; `import verl` loads the entry point from there."""
+    stdout, stderr = slow_jobs["broken"].communicate(timeout=180)
+    assert slow_jobs["broken"].returncode == 0, stderr  # verl swallows the exception ...
+    assert stdout.strip().splitlines()[-1] == "[]"  # ... and the losses are missing
+    assert LOUD_FAILURE in stderr  # ... but the plugin said so, with the cause
+    assert "simulated broken dependency of diagnostics" in stderr
+    assert str(slow_jobs["package"] / "verl_plugin.py") in stderr
