@@ -7,7 +7,7 @@ Metrics per benchmark (P problems, problem i with n_i samples of which c_i are c
 
     avg@k      = (1/P) sum_i p_i                        the paper's avg@32 (k = n)
     stderr     = sd(p_1..p_P) / sqrt(P)                  (sample sd, ddof = 1)
-    ci95       = avg@k -/+ 1.96 stderr
+    ci95       = avg@k -/+ 1.96 stderr, clipped to [0, 1]
     pass@k     = (1/P) sum_i [1 - C(n_i - c_i, k) / C(n_i, k)]     unbiased (Chen et al. 2021), k = 1, 2, 4, ..., n
 
 The interval treats the problems as the sampling unit (a benchmark as a sample from a population of
@@ -624,8 +624,7 @@ def benchmark_summary(
         "k": k_max,
         "avg_at_k": avg,
         "stderr": stderr,
-        "ci95_low": avg - 1.96 * stderr,
-        "ci95_high": avg + 1.96 * stderr,
+        **ci95(avg, stderr),
     }
     for k in ks_for(k_max):
         row[f"pass_at_{k}"] = (
@@ -645,6 +644,13 @@ def benchmark_summary(
     return row
 
 
+def ci95(avg: float, stderr: float) -> dict[str, float]:
+    """avg -/+ 1.96 stderr, clipped to [0, 1] (a pass rate cannot leave it); NaN with one problem."""
+    if math.isnan(stderr):
+        return {"ci95_low": math.nan, "ci95_high": math.nan}
+    return {"ci95_low": max(0.0, avg - 1.96 * stderr), "ci95_high": min(1.0, avg + 1.96 * stderr)}
+
+
 def average_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Unweighted mean over benchmarks; stderr = sqrt(sum stderr_b^2) / B; counts are summed."""
     frame = pd.DataFrame(rows)
@@ -654,10 +660,7 @@ def average_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         row[column] = frame[column].sum() if summed else frame[column].mean(skipna=False)
     row["k"] = int(frame["k"].min())
     row["stderr"] = math.sqrt(float((frame["stderr"] ** 2).sum())) / len(frame)
-    row["ci95_low"], row["ci95_high"] = (
-        row["avg_at_k"] - 1.96 * row["stderr"],
-        row["avg_at_k"] + 1.96 * row["stderr"],
-    )
+    row |= ci95(row["avg_at_k"], row["stderr"])
     return row
 
 
@@ -943,8 +946,8 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
         raise ValueError("--benchmarks is empty")
     out = settings.out or default_out(settings.model)
     names = {b: Path(b).stem if is_path(b) else b for b in settings.benchmarks}
-    if len(set(names.values())) < len(names):
-        raise ValueError(f"two benchmarks share a name: {', '.join(names.values())}")
+    if len(set(names.values())) < len(settings.benchmarks):
+        raise ValueError(f"--benchmarks names a benchmark twice: {', '.join(settings.benchmarks)}")
     stores = {
         names[b]: GenerationStore(out / GENERATIONS_DIR / f"{names[b]}.jsonl") for b in settings.benchmarks
     }

@@ -223,8 +223,8 @@ def test_eval_with_tools_end_to_end(
     assert row["avg_at_k"] == pytest.approx(2 / 3)
     assert row["stderr"] == pytest.approx(statistics.stdev(rates) / math.sqrt(3))
     assert (row["ci95_low"], row["ci95_high"]) == pytest.approx(
-        (2 / 3 - 1.96 * row["stderr"], 2 / 3 + 1.96 * row["stderr"])
-    )
+        (2 / 3 - 1.96 * row["stderr"], 1.0)
+    )  # clipped
     assert (row["pass_at_1"], row["pass_at_2"]) == pytest.approx((2 / 3, 2 / 3))
     assert row["mean_tool_calls"] == pytest.approx(4 / 6) and row["tool_error_rate"] == 0
     assert row["mean_turns"] == pytest.approx((2 + 2 + 2 + 2 + 1 + 1) / 6)
@@ -358,6 +358,80 @@ def test_latest_checkpoint_is_the_default_model(tiny_model: Path, bench_file: Pa
     assert (workdir / "runs" / "new-run" / "eval" / "summary.csv").is_file()
 
 
+@pytest.fixture
+def completions_server(tiny_model: Path) -> Any:
+    """A minimal OpenAI-style ``/v1/completions`` server (as ``vllm serve`` offers) over the tiny model,
+    written directly against transformers, in a background uvicorn thread."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    lock = threading.Lock()
+    requests: list[dict[str, Any]] = []
+    api = FastAPI()
+
+    @api.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"data": [{"id": "tiny"}]}
+
+    @api.post("/v1/completions")
+    def complete(body: dict[str, Any]) -> dict[str, Any]:
+        requests.append(body)
+        prompt = tokenizer(body["prompt"], return_tensors="pt", add_special_tokens=False)
+        with lock, torch.no_grad():
+            torch.manual_seed(body["seed"])
+            output = model.generate(
+                **prompt,
+                max_new_tokens=body["max_tokens"],
+                do_sample=True,
+                temperature=body["temperature"],
+                top_p=body["top_p"],
+                stop_strings=body["stop"],
+                tokenizer=tokenizer,
+            )
+        new = output[0, prompt["input_ids"].shape[1] :].tolist()
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        finish = "stop" if tokenizer.eos_token_id in new else "length"
+        for stop in body["stop"] or []:
+            if stop in text:
+                text, finish = text[: text.index(stop)], "stop"
+        return {
+            "choices": [{"text": text, "finish_reason": finish}],
+            "usage": {"completion_tokens": len(new)},
+        }
+
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", requests
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_openai_backend_against_a_completions_server(
+    tiny_model: Path, bench_file: Path, workdir: Path, completions_server: Any
+) -> None:
+    url, requests = completions_server
+    summary = run_eval(
+        settings(tiny_model, bench_file, workdir / "out", backend="auto", base_url=url), Console(width=200)
+    )
+    assert summary["avg_at_k"].tolist() == pytest.approx([2 / 3])
+    assert {r["model"] for r in requests} == {"tiny"} and {tuple(r["stop"]) for r in requests} == {
+        ("```output",)
+    }
+    assert len(requests) == 6 + 4  # one turn per sample, plus the second turn of the four tool users
+    records = read_jsonl(workdir / "out" / "generations" / "tiny.jsonl")
+    assert sum(r["tool_calls"] for r in records) == 4
+    assert mlflow_runs(workdir).loc[0, "params.backend"] == "openai"
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env_code = "import sys; from ctpo_cli.cli import main; sys.argv = ['ctpo', *sys.argv[1:]]; main()"
     return subprocess.run(
@@ -373,6 +447,12 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     unknown = run_cli("eval", "--model", "m", "--benchmarks", "aime99", cwd=tmp_path)
     assert unknown.returncode == 2 and unknown.stderr.strip().count("\n") == 0
     assert "valid names: aime25, aime26, hmmt_nov_2025, brumo_2025" in unknown.stderr
+
+
+def test_a_benchmark_named_twice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="names a benchmark twice"):
+        run_eval(EvalSettings(model="m", benchmarks=("a/x.parquet", "b/x.parquet"), out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_offline_benchmark_error_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -441,6 +521,9 @@ def test_summary_over_benchmarks() -> None:
     assert rows.loc["a", "pass_at_2"] == pytest.approx((1 - 1 / 6 + 1 + 0) / 3)
     assert rows.loc["a", "pass_at_4"] == pytest.approx(2 / 3)
     assert rows.loc["b", "avg_at_k"] == pytest.approx(0.5)
+    assert rows.loc["b", "stderr"] == pytest.approx(0.25)
+    assert (rows.loc["b", "ci95_low"], rows.loc["b", "ci95_high"]) == pytest.approx((0.5 - 0.49, 0.5 + 0.49))
+    assert (rows.loc["a", "ci95_low"], rows.loc["a", "ci95_high"]) == (0.0, 1.0)  # 0.5 -/+ 0.566, clipped
     assert rows.loc["b", "tool_error_rate"] == pytest.approx(6 / 16)
     assert math.isnan(rows.loc["a", "tool_error_rate"])
     assert rows.loc["average", "avg_at_k"] == pytest.approx(0.5)
