@@ -67,7 +67,9 @@ def test_prepare_from_jsonl_writes_verl_schema(tmp_path: Path) -> None:
 
 def test_prepare_reads_json_csv_and_parquet_and_names_train_files(tmp_path: Path) -> None:
     json_file = tmp_path / "brumo.json"
-    json_file.write_text(json.dumps([{"question": p["problem"], "Answer": str(p["answer"])} for p in PROBLEMS]))
+    json_file.write_text(
+        json.dumps([{"question": p["problem"], "Answer": str(p["answer"])} for p in PROBLEMS])
+    )
     csv_file = tmp_path / "train.csv"
     pd.DataFrame(PROBLEMS).drop(columns="id").to_csv(csv_file, index=False)
     parquet_file = tmp_path / "hmmt.parquet"
@@ -94,7 +96,9 @@ def test_cli_data_prepare(tmp_path: Path) -> None:
     from ctpo_cli.cli import app
 
     source = write_jsonl(tmp_path / "aime25.jsonl", PROBLEMS)
-    result = CliRunner().invoke(app, ["data", "prepare", "--from-file", str(source), "--out", str(tmp_path / "d")])
+    result = CliRunner().invoke(
+        app, ["data", "prepare", "--from-file", str(source), "--out", str(tmp_path / "d")]
+    )
     assert result.exit_code == 0, result.output
     assert "aime25" in result.output and (tmp_path / "d" / "aime25.parquet").is_file()
 
@@ -102,7 +106,13 @@ def test_cli_data_prepare(tmp_path: Path) -> None:
 def test_a_verl_parquet_passes_through_and_loads_by_path(tmp_path: Path) -> None:
     verl_file = tmp_path / "mine.parquet"
     pd.DataFrame(
-        [{"data_source": "mine", "prompt": [{"role": "user", "content": "1+1?"}], "reward_model": {"ground_truth": "2"}}]
+        [
+            {
+                "data_source": "mine",
+                "prompt": [{"role": "user", "content": "1+1?"}],
+                "reward_model": {"ground_truth": "2"},
+            }
+        ]
     ).to_parquet(verl_file)
     frame = load_benchmark(str(verl_file))
     assert frame["id"].tolist() == ["0"] and frame["ability"].tolist() == ["math"]
@@ -112,11 +122,16 @@ def test_a_verl_parquet_passes_through_and_loads_by_path(tmp_path: Path) -> None
 
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1+1?", "solution_text": "2"}])
-    with pytest.raises(ValueError, match=r"bad\.jsonl: no answer column \(looked for answer, Answer, .*has question, solution_text\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"bad\.jsonl: no answer column \(looked for answer, Answer, .*has question, solution_text\)",
+    ):
         prepare(from_files=[f"aime25={source}"], out=tmp_path / "data")
     broken = tmp_path / "broken.parquet"
     pd.DataFrame([{"data_source": "x", "prompt": [{"role": "user", "content": "q"}]}]).to_parquet(broken)
-    with pytest.raises(ValueError, match=r"broken\.parquet is not in verl format: missing column\(s\) reward_model"):
+    with pytest.raises(
+        ValueError, match=r"broken\.parquet is not in verl format: missing column\(s\) reward_model"
+    ):
         load_benchmark(str(broken))
 
 
@@ -127,9 +142,11 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
         load_benchmark(str(tmp_path / "nope.parquet"))
     with pytest.raises(FileNotFoundError, match=r"ctpo data prepare --from-file aime26=FILE") as offline:
         load_benchmark("aime26", data_dir=tmp_path / "data")
-    with pytest.raises(ValueError, match=r"cannot reach the Hugging Face hub to download aime25,deepscaler") as hub:
+    with pytest.raises(
+        ValueError, match=r"cannot reach the Hugging Face hub to download aime25,deepscaler"
+    ) as hub:
         prepare(["aime25", "deepscaler"], out=tmp_path / "data")
-    with pytest.raises(ValueError, match="unsupported file type '.txt'") as suffix:
+    with pytest.raises(ValueError, match=r"unsupported file type '\.txt'") as suffix:
         prepare(from_files=[f"aime25={write_jsonl(tmp_path / 'x.txt', PROBLEMS)}"], out=tmp_path / "data")
     for error in (unknown, missing, offline, hub, suffix):
         assert "\n" not in str(error.value)
