@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,38 @@ def test_serve_refuses_to_start_without_working_bwrap(bwrap: str, reason: str) -
     done = ctpo("sandbox", "serve", "--port", "0", env={BWRAP_ENV: bwrap})
     assert done.returncode == 2 and reason in done.stderr and "--unsafe-no-isolation" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_cli_serve_starts_with_its_options_and_stops_on_sigterm() -> None:
+    port = _free_port("127.0.0.1")
+    command = [
+        sys.executable,
+        "-m",
+        "ctpo_cli.cli",
+        "sandbox",
+        "serve",
+        "--port",
+        str(port),
+        "--max-concurrency",
+        "3",
+    ]
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        with SandboxClient(f"http://127.0.0.1:{port}") as client:
+            while not client.health():
+                assert server.poll() is None and time.monotonic() < deadline, (
+                    "ctpo sandbox serve did not start"
+                )
+                time.sleep(0.05)
+            assert httpx.get(f"http://127.0.0.1:{port}/health").json()["max_concurrency"] == 3
+            assert client.run_code("print('served')").stdout == "served\n"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode in (0, -signal.SIGTERM) and b"Application shutdown complete" in stderr, stderr
 
 
 def test_running_service_says_why_it_did_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
