@@ -412,14 +412,15 @@ def token_terms(
     mask = response_mask.to(log_prob.dtype)
     log_ratio = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     log_ratio = torch.where(response_mask.bool(), log_ratio, 0.0)
-    position = torch.cumsum(mask, dim=-1)
+    # t in at least float32 so that it stays exact (to 2^24) when the log-probs are bf16/fp16
+    position = torch.cumsum(response_mask.to(torch.promote_types(log_prob.dtype, torch.float32)), dim=-1)
     return TokenTerms(
         log_prob=log_prob,
         log_ratio=log_ratio,
         cum_log_ratio=torch.cumsum(log_ratio, dim=-1),
         position=position,
         mask=mask,
-        length=position[:, -1:].clamp(min=1.0),
+        length=position[:, -1:].clamp(min=1.0).to(log_prob.dtype),
     )
 
 
