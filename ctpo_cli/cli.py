@@ -154,11 +154,14 @@ def sandbox_serve(
     unsafe_no_isolation: bool = typer.Option(
         False, "--unsafe-no-isolation", help="Run programs WITHOUT bubblewrap isolation (throwaway hosts)."
     ),
+    settings: list[str] | None = typer.Option(
+        None, "--set", help="NAME=VALUE, repeatable: a limit of sandbox.config.SandboxConfig, e.g. nproc=128."
+    ),
 ) -> None:
     """SandboxFusion-compatible POST /run_code and GET /health; refuses to start without bubblewrap."""
     from sandbox.server import serve
 
-    serve(host, port, workers, max_concurrency, unsafe_no_isolation)
+    serve(host, port, workers, max_concurrency, unsafe_no_isolation, settings or [])
 
 
 @app.command()

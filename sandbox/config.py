@@ -6,7 +6,9 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 BWRAP_ENV = "CTPO_SANDBOX_BWRAP"
 """Environment variable naming the bubblewrap executable (default: ``bwrap`` on PATH, else /usr/bin/bwrap)."""
@@ -74,6 +76,27 @@ class SandboxConfig:
                 raise ValueError(f"sandbox setting {name} must be positive, got {getattr(self, name)}")
         if self.cpu_grace < 0 or self.sandbox_uid < 0:
             raise ValueError("sandbox settings cpu_grace and sandbox_uid must not be negative")
+
+    def with_settings(self, settings: Iterable[str]) -> SandboxConfig:
+        """A copy with ``NAME=VALUE`` settings applied (``ctpo sandbox serve --set nproc=128``).
+
+        Raises ValueError, one line, for an unknown name, a value of the wrong type, or ``isolate`` (only
+        ``--unsafe-no-isolation`` turns isolation off).
+        """
+        names = [f.name for f in dataclasses.fields(self) if f.name != "isolate"]
+        changes: dict[str, Any] = {}
+        for setting in settings:
+            name, _, text = setting.partition("=")
+            if name not in names or not text:
+                raise ValueError(
+                    f"sandbox setting must be NAME=VALUE with NAME one of {', '.join(names)}; got {setting!r}"
+                )
+            kind = type(getattr(self, name))
+            try:
+                changes[name] = kind(text)
+            except ValueError:
+                raise ValueError(f"sandbox setting {name} needs a {kind.__name__}, got {text!r}") from None
+        return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         """Serialise, to hand the settings to the service's worker processes."""

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -192,9 +192,11 @@ def serve(
     workers: int = 1,
     max_concurrency: int | None = None,
     unsafe_no_isolation: bool = False,
+    settings: Sequence[str] = (),
     log_level: str = "info",
 ) -> None:
-    """Run the service in the foreground until interrupted.
+    """Run the service in the foreground until interrupted; ``settings`` are ``NAME=VALUE`` overrides of
+    :class:`~sandbox.config.SandboxConfig` (limits).
 
     Refuses to start (FileNotFoundError or ValueError, one line) when bubblewrap is missing or cannot create a
     sandbox here, unless ``unsafe_no_isolation``, which it then announces loudly on stderr.
@@ -203,7 +205,7 @@ def serve(
 
     if workers < 1 or not 0 <= port <= 65535:
         raise ValueError(f"need workers >= 1 and a port in 0..65535, got workers={workers}, port={port}")
-    config = SandboxConfig(isolate=not unsafe_no_isolation)
+    config = SandboxConfig(isolate=not unsafe_no_isolation).with_settings(settings)
     if max_concurrency is not None:
         config = dataclasses.replace(config, max_concurrency=max_concurrency)
     if unsafe_no_isolation:
@@ -259,11 +261,12 @@ def running_service(
     workers: int = 1,
     max_concurrency: int | None = None,
     unsafe_no_isolation: bool = False,
+    settings: Sequence[str] = (),
     startup_timeout: float = 60.0,
 ) -> Iterator[Service]:
     """Run :func:`serve` in a child process (its own process group) for the duration of a ``with`` block.
 
-    ``port=0`` picks a free port. Waits until ``/health`` answers; raises SandboxUnavailable with the
+    Arguments as :func:`serve`'s; ``port=0`` picks a free port. Waits until ``/health`` answers; raises SandboxUnavailable with the
     service's last log line if it exits or stays unhealthy for ``startup_timeout`` seconds. On exit stops
     exactly that process group.
     """
@@ -274,6 +277,7 @@ def running_service(
         workers=workers,
         max_concurrency=max_concurrency,
         unsafe_no_isolation=unsafe_no_isolation,
+        settings=list(settings),
         log_level="warning",
     )
     code = f"from sandbox.server import serve; serve(**{arguments!r})"

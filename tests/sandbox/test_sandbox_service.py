@@ -23,6 +23,7 @@ from rich.console import Console
 from sandbox.bench import bench_sandbox
 from sandbox.client import SandboxClient, SandboxUnavailable
 from sandbox.config import BWRAP_ENV
+from sandbox.executor import TRUNCATION_MARKER
 from sandbox.server import Service, _free_port, running_service
 
 
@@ -46,17 +47,8 @@ def test_serve_refuses_to_start_without_working_bwrap(bwrap: str, reason: str) -
 
 def test_cli_serve_starts_with_its_options_and_stops_on_sigterm() -> None:
     port = _free_port("127.0.0.1")
-    command = [
-        sys.executable,
-        "-m",
-        "ctpo_cli.cli",
-        "sandbox",
-        "serve",
-        "--port",
-        str(port),
-        "--max-concurrency",
-        "3",
-    ]
+    options = ["--port", str(port), "--max-concurrency", "3", "--set", "nproc=8", "--set", "output_limit=10"]
+    command = [sys.executable, "-m", "ctpo_cli.cli", "sandbox", "serve", *options]
     server = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -69,11 +61,29 @@ def test_cli_serve_starts_with_its_options_and_stops_on_sigterm() -> None:
                 )
                 time.sleep(0.05)
             assert httpx.get(f"http://127.0.0.1:{port}/health").json()["max_concurrency"] == 3
-            assert client.run_code("print('served')").stdout == "served\n"
+            result = client.run_code(
+                "import resource\nprint(resource.getrlimit(resource.RLIMIT_NPROC)[0], 'x' * 20)"
+            )
+            assert (result.stdout, result.truncated) == ("8 " + "x" * 8 + TRUNCATION_MARKER, True)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)
     assert server.returncode in (0, -signal.SIGTERM) and b"Application shutdown complete" in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ("bogus=1", "NAME one of bwrap, max_concurrency"),
+        ("isolate=0", "NAME one of"),
+        ("nproc", "NAME=VALUE"),
+        ("nproc=many", "nproc needs a int, got 'many'"),
+        ("nproc=0", "nproc must be positive"),
+    ],
+)
+def test_serve_rejects_bad_settings(setting: str, reason: str) -> None:
+    done = ctpo("sandbox", "serve", "--set", setting, env={})
+    assert done.returncode == 2 and reason in done.stderr, done.stderr
 
 
 def test_running_service_says_why_it_did_not_start(monkeypatch: pytest.MonkeyPatch) -> None:
