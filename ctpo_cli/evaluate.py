@@ -228,7 +228,7 @@ class HFBackend:
                 do_sample=sample,
                 temperature=self.sampling.temperature if sample else None,
                 top_p=self.sampling.top_p if sample else None,
-                top_k=None,
+                top_k=None,  # no top-k, whatever the model's generation_config says (Qwen3: 20)
                 max_new_tokens=max(r.max_new_tokens for r in requests),
                 stopping_criteria=self.stopping,
                 pad_token_id=tokenizer.pad_token_id,
@@ -334,6 +334,7 @@ class OpenAIBackend:
             "max_tokens": request.max_new_tokens,
             "temperature": self.sampling.temperature,
             "top_p": self.sampling.top_p,
+            "top_k": -1,  # vLLM extension: no top-k, not the model's generation_config default (Qwen3: 20)
             "stop": list(self.sampling.stop) or None,
             "seed": request.seed,
             "n": 1,
@@ -434,42 +435,21 @@ class GenerationStore:
         tmp.replace(self.path)
 
 
-def sample_record(
-    problem_id: str, sample: int, truth: str, trajectory: Trajectory, correct: bool
-) -> dict[str, Any]:
+def sample_record(job: _Job, trajectory: Trajectory, correct: bool) -> dict[str, Any]:
+    """The JSON record of a finished sample; a crashed one keeps what it produced and its error."""
     return {
-        "problem_id": problem_id,
-        "sample": sample,
-        "ground_truth": truth,
+        "problem_id": job.problem_id,
+        "sample": job.sample,
+        "ground_truth": job.truth,
         "answer": extract_boxed(trajectory.response_text),
-        "correct": correct,
+        "correct": correct and job.error is None,
         "num_turns": trajectory.num_turns,
         "tool_calls": trajectory.tool_calls,
         "tool_errors": trajectory.tool_errors,
         "response_tokens": trajectory.response_tokens,
         "stop_reason": trajectory.stop_reason,
         "turns": [asdict(turn) for turn in trajectory.turns],
-        "error": None,
-    }
-
-
-def crash_record(
-    problem_id: str, sample: int, truth: str, loop: ToolLoop, error: BaseException
-) -> dict[str, Any]:
-    """A sample that could not finish: what it produced so far and the error; scored wrong."""
-    return {
-        "problem_id": problem_id,
-        "sample": sample,
-        "ground_truth": truth,
-        "answer": None,
-        "correct": False,
-        "num_turns": len(loop.turns),
-        "tool_calls": sum(t.tool is not None for t in loop.turns),
-        "tool_errors": sum(t.tool is not None and t.tool.error for t in loop.turns),
-        "response_tokens": loop.used_tokens,
-        "stop_reason": "error",
-        "turns": [asdict(turn) for turn in loop.turns],
-        "error": f"{type(error).__name__}: {error}",
+        "error": None if job.error is None else f"{type(job.error).__name__}: {job.error}",
     }
 
 
@@ -494,30 +474,27 @@ def sample_seed(seed: int, problem_id: str, sample: int, turn: int) -> int:
 
 @dataclass(eq=False)
 class _Job:
+    """One sample being generated: its trajectory so far, or the error that ended it."""
+
     problem_id: str
     sample: int
     truth: str
     loop: ToolLoop
     error: BaseException | None = None
 
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.loop.done
+
 
 def _records(finished: Sequence[_Job]) -> list[dict[str, Any]]:
-    """Score the finished trajectories together; crashed ones become crash records."""
-    ok = [job for job in finished if job.error is None]
-    trajectories = [job.loop.trajectory() for job in ok]
-    verdicts = dict(
-        zip(
-            map(id, ok),
-            score_batch([t.response_text for t in trajectories], [job.truth for job in ok]),
-            strict=True,
-        )
-    )
-    return [
-        sample_record(job.problem_id, job.sample, job.truth, job.loop.trajectory(), verdicts[id(job)])
-        if job.error is None
-        else crash_record(job.problem_id, job.sample, job.truth, job.loop, job.error)
+    """Records of finished jobs, scored in one batch (a crashed job, cut short, is scored wrong)."""
+    trajectories = [
+        job.loop.trajectory() if job.error is None else Trajectory(job.loop.messages, job.loop.turns, "error")
         for job in finished
     ]
+    verdicts = score_batch([t.response_text for t in trajectories], [job.truth for job in finished])
+    return [sample_record(*item) for item in zip(finished, trajectories, verdicts, strict=True)]
 
 
 def run_jobs(
@@ -547,10 +524,10 @@ def run_jobs(
                 job.loop.add_tool_result(future.result())
             except Exception as error:  # the sandbox failed or refused, not the program
                 job.error = error
-        finished = [job for job in active if job.error is not None or job.loop.done]
+        finished = [job for job in active if job.finished]
         if finished:
             yield _records(finished)
-        active = [job for job in active if not (job.error is not None or job.loop.done)]
+        active = [job for job in active if not job.finished]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -848,18 +825,24 @@ def check_resume(out: Path, settings: EvalSettings) -> None:
 @contextmanager
 def sandbox_client(url: str | None, console: Console) -> Iterator[Any]:
     """A client of ``url`` (checked healthy), else of a service started for the duration."""
-    from sandbox.client import SandboxClient
+    from sandbox.client import SandboxClient, SandboxUnavailable
     from sandbox.server import running_service
 
     with ExitStack() as stack:
         if url is None:
-            service = stack.enter_context(running_service())
+            try:
+                service = stack.enter_context(running_service())
+            except SandboxUnavailable as error:
+                raise ValueError(
+                    f"could not start a sandbox ({error}); pass --sandbox-url or --no-tools"
+                ) from error
             url = str(service.url)
             console.print(f"[bold]sandbox:[/] started a service at {url}")
         client = stack.enter_context(SandboxClient(url))
         if not client.health():
             raise ValueError(
-                f"the sandbox at {url} is not healthy; start one with `ctpo sandbox serve` or leave out --sandbox-url"
+                f"the sandbox at {url} is not healthy: start it (`ctpo sandbox serve`), or give no --sandbox-url "
+                "and no $CTPO_SANDBOX_URL to have one started"
             )
         yield client
 
@@ -884,32 +867,28 @@ def generate_all(
     console: Console,
 ) -> None:
     """Generate every missing (problem, sample) of every benchmark, appending records as they finish."""
-    todo = {}
+    todo, correct = {}, {}
     for name, frame in frames.items():
-        done = {key for key, r in stores[name].load().items() if r["error"] is None}
+        done = {key: r for key, r in stores[name].load().items() if r["error"] is None}
         todo[name] = [
             (row, s) for _, row in frame.iterrows() for s in range(settings.n) if (row["id"], s) not in done
         ]
+        correct[name] = sum(r["correct"] for r in saved_records(done, frame, settings.n))
     if not any(todo.values()):
         console.print("all samples are already generated")
         return
-    backend = make_backend(settings, backend_name)
-    batch_size = settings.batch_size or backend.default_batch_size
+    url = settings.sandbox_url or os.environ.get("CTPO_SANDBOX_URL")
     with ExitStack() as stack:
-        sandbox = (
-            stack.enter_context(
-                sandbox_client(settings.sandbox_url or os.environ.get("CTPO_SANDBOX_URL"), console)
-            )
-            if settings.tools
-            else None
-        )
-        threads = stack.enter_context(ThreadPoolExecutor(max_workers=16, thread_name_prefix="ctpo-tools"))
+        # The sandbox first: a bad one fails before a model is loaded.
+        sandbox = stack.enter_context(sandbox_client(url, console)) if settings.tools else None
+        backend = make_backend(settings, backend_name)
         stack.callback(backend.close)
+        batch_size = settings.batch_size or backend.default_batch_size
+        threads = stack.enter_context(ThreadPoolExecutor(max_workers=16, thread_name_prefix="ctpo-tools"))
         progress = stack.enter_context(_progress(console))
         for name, pending in todo.items():
             total = len(frames[name]) * settings.n
-            task = progress.add_task(name, total=total, completed=total - len(pending), correct=0)
-            correct = 0
+            task = progress.add_task(name, total=total, completed=total - len(pending), correct=correct[name])
             for start in range(0, len(pending), batch_size):
                 jobs = [
                     _Job(
@@ -927,8 +906,8 @@ def generate_all(
                 ]
                 for records in run_jobs(jobs, backend, sandbox, settings, threads):
                     stores[name].append(records)
-                    correct += sum(r["correct"] for r in records)
-                    progress.update(task, advance=len(records), correct=correct)
+                    correct[name] += sum(r["correct"] for r in records)
+                    progress.update(task, advance=len(records), correct=correct[name])
 
 
 def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataFrame:
@@ -970,7 +949,9 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
         else:
             console.print(f"[bold]eval:[/] {settings.model} ({backend}) -> {out}")
             generate_all(settings, frames, stores, backend, console)
-            records = {name: saved_records(stores[name], frame, settings.n) for name, frame in frames.items()}
+            records = {
+                name: saved_records(stores[name].load(), frame, settings.n) for name, frame in frames.items()
+            }
         summary, problems = summarize(records)
         files = write_outputs(out, summary, problems, title)
         print_summary(console, summary, title)
@@ -979,29 +960,29 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
     return summary
 
 
-def saved_records(store: GenerationStore, frame: pd.DataFrame, n: int) -> list[dict[str, Any]]:
+def saved_records(
+    saved: dict[tuple[str, int], dict[str, Any]], frame: pd.DataFrame, n: int
+) -> list[dict[str, Any]]:
     """The saved samples 0..n-1 of the benchmark's problems, in problem order."""
-    saved = store.load()
     return [saved[(pid, s)] for pid in frame["id"] for s in range(n) if (pid, s) in saved]
 
 
 def rescore(stores: dict[str, GenerationStore], n: int) -> dict[str, list[dict[str, Any]]]:
-    """Re-check every saved sample with the current scorer and rewrite its file; no model needed."""
+    """Re-check every saved sample with the current scorer and rewrite its file (no model needed);
+    returns samples 0..n-1 for the summary."""
     records = {}
     for name, store in stores.items():
-        saved = [r for r in store.load().values() if r["sample"] < n]
+        saved = list(store.load().values())
         if not saved:
             continue
         texts = [join_turns(turn["text"] for turn in r["turns"]) for r in saved]
-        for record, text, verdict in zip(
-            saved, texts, score_batch(texts, [r["ground_truth"] for r in saved]), strict=True
-        ):
+        verdicts = score_batch(texts, [r["ground_truth"] for r in saved])
+        for record, text, verdict in zip(saved, texts, verdicts, strict=True):
             record["answer"] = extract_boxed(text)
             record["correct"] = verdict and record["error"] is None
         store.rewrite(saved)
-        records[name] = saved
+        records[name] = [r for r in saved if r["sample"] < n]
     if not records:
-        raise FileNotFoundError(
-            f"--rescore: no saved generations for {', '.join(stores)} in {next(iter(stores.values())).path.parent}"
-        )
+        folder = next(iter(stores.values())).path.parent
+        raise FileNotFoundError(f"--rescore: no saved generations for {', '.join(stores)} in {folder}")
     return records

@@ -34,6 +34,7 @@ from rich.console import Console
 from ctpo_cli import evaluate
 from ctpo_cli.evaluate import EvalSettings, pass_at_k, run_eval, summarize
 from ctpo_cli.tools import format_tool_output
+from sandbox.server import running_service
 
 SYSTEM = "Use python."
 CONVERSATIONS = [
@@ -336,6 +337,12 @@ def test_rescore_uses_saved_generations_only(
     runs = mlflow_runs(workdir)
     assert runs.iloc[-1]["params.rescore"] == "True" and runs.iloc[-1]["params.temperature"] == "0.1"
 
+    # A smaller n summarises fewer samples but keeps every saved one.
+    fewer = run_eval(
+        EvalSettings(model="unused", benchmarks=(str(bench_file),), n=1, out=out, rescore=True), Console()
+    )
+    assert fewer["n_samples"].tolist() == [3] and len(read_jsonl(path)) == 6
+
 
 def test_latest_checkpoint_is_the_default_model(tiny_model: Path, bench_file: Path, workdir: Path) -> None:
     import shutil
@@ -416,12 +423,20 @@ def completions_server(tiny_model: Path) -> Any:
 
 
 def test_openai_backend_against_a_completions_server(
-    tiny_model: Path, bench_file: Path, workdir: Path, completions_server: Any
+    tiny_model: Path,
+    bench_file: Path,
+    workdir: Path,
+    completions_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, requests = completions_server
-    summary = run_eval(
-        settings(tiny_model, bench_file, workdir / "out", backend="auto", base_url=url), Console(width=200)
-    )
+    console = Console(width=200, record=True)
+    with running_service() as service:
+        monkeypatch.setenv("CTPO_SANDBOX_URL", service.url)  # a sandbox that is already running
+        summary = run_eval(
+            settings(tiny_model, bench_file, workdir / "out", backend="auto", base_url=url), console
+        )
+    assert "started a service" not in console.export_text()
     assert summary["avg_at_k"].tolist() == pytest.approx([2 / 3])
     assert {r["model"] for r in requests} == {"tiny"} and {tuple(r["stop"]) for r in requests} == {
         ("```output",)
@@ -447,6 +462,16 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     unknown = run_cli("eval", "--model", "m", "--benchmarks", "aime99", cwd=tmp_path)
     assert unknown.returncode == 2 and unknown.stderr.strip().count("\n") == 0
     assert "valid names: aime25, aime26, hmmt_nov_2025, brumo_2025" in unknown.stderr
+
+
+def test_an_unhealthy_sandbox_fails_before_the_model_loads(
+    tiny_model: Path, bench_file: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forbid_model(monkeypatch)
+    with pytest.raises(ValueError, match=r"sandbox at http://127\.0\.0\.1:9 is not healthy"):
+        run_eval(
+            settings(tiny_model, bench_file, workdir / "out", sandbox_url="http://127.0.0.1:9"), Console()
+        )
 
 
 def test_a_benchmark_named_twice_is_refused(tmp_path: Path) -> None:
