@@ -32,7 +32,7 @@ class SandboxConfig:
         max_memory_mb: the largest memory_limit_MB a request may ask for.
         max_run_timeout: the largest run_timeout (seconds) a request may ask for.
         cpu_grace: CPU-time limit (RLIMIT_CPU) is ceil(run_timeout + cpu_grace) seconds: one single-threaded
-            program never reaches it before its wall-clock timeout, a multi-core one may.
+            program never reaches it before its wall-clock timeout, a multi-threaded one may.
         nproc: processes and threads a program may have at once (RLIMIT_NPROC), so fork bombs fizzle.
         file_size_mb: the largest file a program may write (RLIMIT_FSIZE, MiB).
         open_files: open file descriptors per process (RLIMIT_NOFILE).
