@@ -5,8 +5,8 @@ What a program sees (``isolate=True``):
 - namespaces: its own PID, network (nothing but its own loopback), IPC, UTS and cgroup namespaces, and a
   user namespace: bwrap's, or when the service runs as root the launcher's, made after dropping root;
 - files: /usr and the interpreter's installation (prefix and site-packages) read-only, a fresh /proc and
-  minimal /dev, private size-capped tmpfs at /workspace (its working directory, holding main.py), /tmp and
-  /dev/shm; nothing else of the host: no home, no project tree, no /etc but the loader cache, no host /tmp;
+  minimal /dev, private size-capped tmpfs at /workspace (its working directory, holding main.py read-only),
+  /tmp and /dev/shm; nothing else of the host: no home, no project tree, no /etc but the loader cache, no host /tmp;
 - environment: a fixed, minimal set of variables (nothing inherited from the service);
 - user: the service's own uid, or ``sandbox_uid`` (nobody) when the service runs as root;
 - limits: see :mod:`sandbox.launcher` and :class:`sandbox.config.SandboxConfig`.
@@ -162,9 +162,10 @@ def _environment(home: str) -> dict[str, str]:
     }
 
 
-def _command(
-    config: SandboxConfig, host_dir: str, ready_fd: int, run_timeout: float, memory_mb: int
+def _launch(
+    config: SandboxConfig, ready_fd: int, run_timeout: float, memory_mb: int, script: str
 ) -> list[str]:
+    """The launcher's command line: this interpreter, the limits, then ``python script``."""
     limits = (
         ready_fd,
         memory_mb << 20,
@@ -174,20 +175,7 @@ def _command(
         config.open_files,
         config.sandbox_uid if _drops_root(config) else -1,
     )
-    workdir = WORKDIR if config.isolate else host_dir
-    launch = [
-        sys.executable,
-        "-I",
-        "-S",
-        "-c",
-        LAUNCHER_SOURCE,
-        *map(str, limits),
-        sys.executable,
-        f"{workdir}/main.py",
-    ]
-    if not config.isolate:
-        return launch
-    return [*_bwrap_options(config), "--ro-bind", f"{host_dir}/main.py", f"{WORKDIR}/main.py", *launch]
+    return [sys.executable, "-I", "-S", "-c", LAUNCHER_SOURCE, *map(str, limits), sys.executable, script]
 
 
 def _kill_group(pgid: int) -> None:
@@ -200,35 +188,52 @@ async def execute(
 ) -> RunResult:
     """Run ``code`` as ``python main.py`` in a fresh sandbox; ``memory_mb <= 0`` means the default limit.
 
-    Never raises for anything the program does; a sandbox that cannot start gives status "Error".
+    Never raises for anything the program does; a sandbox that cannot start gives status "Error". Isolated,
+    the program reaches the sandbox through an anonymous in-memory file, so nothing lands on the host's
+    disk, even if the service is killed mid-run.
     """
     memory_mb = memory_mb if memory_mb > 0 else config.default_memory_mb
-    with tempfile.TemporaryDirectory(prefix="ctpo-sandbox-", ignore_cleanup_errors=True) as host_dir:
-        # surrogatepass: a lone surrogate from JSON reaches Python's own decoder and its clear SyntaxError.
-        Path(host_dir, "main.py").write_bytes(code.encode("utf-8", "surrogatepass"))
+    # surrogatepass: a lone surrogate from JSON reaches Python's own decoder and its clear SyntaxError.
+    source = code.encode("utf-8", "surrogatepass")
+    with contextlib.ExitStack() as cleanup:
         ready_read, ready_write = os.pipe()
+        cleanup.callback(os.close, ready_read)
+        cleanup.callback(os.close, ready_write)
+        handed = [ready_write]  # descriptors the child inherits
+        if config.isolate:
+            program = os.memfd_create("main.py")
+            cleanup.callback(os.close, program)
+            handed.append(program)
+            with open(program, "wb", closefd=False) as handle:
+                handle.write(source)
+            os.lseek(program, 0, os.SEEK_SET)
+            workdir, cwd = WORKDIR, "/"
+            script = f"{WORKDIR}/main.py"
+            command = [*_bwrap_options(config), "--perms", "0444", "--ro-bind-data", str(program), script]
+        else:
+            workdir = cwd = cleanup.enter_context(
+                tempfile.TemporaryDirectory(prefix="ctpo-sandbox-", ignore_cleanup_errors=True)
+            )
+            script = f"{workdir}/main.py"
+            Path(script).write_bytes(source)
+            command = []
+        command += _launch(config, ready_write, run_timeout, memory_mb, script)
+        pipe = asyncio.subprocess.PIPE
+        start = time.monotonic()
         try:
-            command = _command(config, host_dir, ready_write, run_timeout, memory_mb)
-            pipe = asyncio.subprocess.PIPE
-            start = time.monotonic()
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *command,
-                    stdin=pipe,
-                    stdout=pipe,
-                    stderr=pipe,
-                    cwd=host_dir,
-                    env=_environment(WORKDIR if config.isolate else host_dir),
-                    pass_fds=(ready_write,),
-                    start_new_session=True,
-                )
-            except OSError as error:
-                return RunResult("Error", message=f"could not start the sandbox: {error}")
-            finally:
-                os.close(ready_write)
-            return await _supervise(config, process, start, stdin, run_timeout, ready_read)
-        finally:
-            os.close(ready_read)
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=pipe,
+                stdout=pipe,
+                stderr=pipe,
+                cwd=cwd,
+                env=_environment(workdir),
+                pass_fds=handed,
+                start_new_session=True,
+            )
+        except OSError as error:
+            return RunResult("Error", message=f"could not start the sandbox: {error}")
+        return await _supervise(config, process, start, stdin, run_timeout, ready_read)
 
 
 async def _supervise(
