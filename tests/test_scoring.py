@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ctpo_cli.scoring import ScoringPool, extract_boxed, is_correct, score_batch
+from ctpo_cli.scoring import ScoringPool, extract_boxed, get_pool, is_correct, score_batch
 
 
 @pytest.mark.parametrize(
@@ -51,6 +51,8 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
             "2,3,\\frac{3+i\\sqrt{3}}{2},\\frac{3-i\\sqrt{3}}{2}",
         ),
         ("204", "\\boxed{204}"),
+        ("-0", "0"),
+        ("0" + "1" * 150, "1" * 150),  # too long for the integer shortcut: math-verify decides
     ],
 )
 def test_equivalent_answers_are_right(answer: str, truth: str) -> None:
@@ -68,6 +70,8 @@ def test_equivalent_answers_are_right(answer: str, truth: str) -> None:
         ("the answer is 25", "25"),  # no box
         ("\\boxed{25} was wrong, it is \\boxed{24}", "25"),  # only the last box counts
         ("\\boxed{}", "25"),
+        ("\\boxed{-25}", "25"),
+        (f"\\boxed{{{'1' * 150}}}", "1" * 149),
     ],
 )
 def test_wrong_answers_are_wrong(response: str, truth: str) -> None:
@@ -82,6 +86,15 @@ def test_thread_safe_from_many_threads() -> None:
     assert verdicts == [True, True, False] * 8
 
 
+def test_math_verify_in_the_workers_from_many_threads() -> None:
+    # The pool itself (score_batch compares plain integers without it): padded integers, decimals.
+    pool = get_pool()
+    pairs = [("25", "025"), ("8.5", "8.50"), ("25", "26"), ("\\frac{1}{9}", "1/9")] * 6
+    with ThreadPoolExecutor(max_workers=8) as threads:
+        verdicts = list(threads.map(lambda p: pool.check(*p, timeout=10.0), pairs))
+    assert verdicts == [True, True, False, True] * 6
+
+
 def test_score_batch_keeps_order_and_checks_lengths() -> None:
     responses = [f"\\boxed{{{i}}}" for i in range(40)]
     truths = [str(i if i % 3 else i + 1) for i in range(40)]
@@ -94,14 +107,15 @@ def test_score_batch_keeps_order_and_checks_lengths() -> None:
 def test_stuck_worker_is_killed_and_replaced() -> None:
     pool = ScoringPool(1)
     try:
-        (worker,) = list(pool._idle.queue)
-        os.kill(worker.process.pid, signal.SIGSTOP)  # a worker that no signal-based timeout can save
+        (pid,) = pool.pids()
+        os.kill(pid, signal.SIGSTOP)  # a worker that no signal-based timeout can save
         start = time.monotonic()
         # The first answer misses its 3 s deadline; the other two go to the replacement worker.
         assert pool.map(["25", "25", "8.5"], ["25", "025", "8.50"], timeout=3.0) == [False, True, True]
         assert time.monotonic() - start < 30
-        assert worker.process.poll() is not None  # killed
-        (replacement,) = list(pool._idle.queue)
-        assert replacement.process.pid != worker.process.pid
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            os.kill(pid, 0)
+        (replacement,) = pool.pids()
+        assert replacement != pid
     finally:
         pool.close()
