@@ -4,11 +4,11 @@ Protocol (what the model sees and does):
 
 1. The conversation starts with ``SYSTEM_PROMPT`` and the problem as the user message.
 2. An assistant turn is generated until the model ends its turn (end-of-turn / EOS token) or writes a
-   stop string from ``STOP_STRINGS`` (``````output``: a model that starts writing the result of its
+   stop string from ``STOP_STRINGS`` ("```output": a model that starts writing the result of its
    own code is cut there, the stop string itself is not part of the turn).
-3. If the turn *ends with* a complete fenced ``````python`` block (see ``extract_code``), that code is
+3. If the turn *ends with* a complete fenced "```python" block (see ``extract_code``), that code is
    run in the sandbox and its result comes back as a ``{"role": "tool"}`` message formatted by
-   ``format_tool_output`` (a ``````output`` block). Otherwise the turn is the final answer.
+   ``format_tool_output`` (a "```output" block). Otherwise the turn is the final answer.
 4. At most ``max_turns`` assistant turns: code in the last allowed turn is not run (as verl's
    ``max_assistant_turns``), so a trajectory makes at most ``max_turns - 1`` tool calls.
 5. Token budget: ``max_tokens`` counts every response token after the prompt: all assistant tokens plus
@@ -54,11 +54,11 @@ _CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)\n[ \t]*```[ \t]*$", re.DOTALL)
 
 
 def extract_code(text: str) -> str | None:
-    """The code of the ``````python`` block an assistant turn ends with, else None.
+    """The code of the "```python" block an assistant turn ends with, else None.
 
-    Precisely: after removing trailing whitespace and a trailing ``````output`` (a stop string some
-    backends keep), the turn must end with a closing fence ````````; the block it closes must open
-    with ``````python`` on its own line, and neither fence may appear inside the code. Code followed
+    Precisely: after removing trailing whitespace and a trailing "```output" (a stop string some
+    backends keep), the turn must end with a closing fence "```"; the block it closes must open
+    with "```python" followed by a line break, and no fence may appear inside the code. Code followed
     by more prose is not run: the model did not stop to wait for the result.
     """
     text = text.rstrip()
@@ -77,7 +77,7 @@ def extract_code(text: str) -> str | None:
 def format_tool_output(
     stdout: str, stderr: str, status: str, truncated: bool, max_chars: int = MAX_TOOL_OUTPUT_CHARS
 ) -> str:
-    """What the model sees after its code ran: an ``````output`` block.
+    """What the model sees after its code ran: an "```output" block.
 
     stdout, then stderr (tracebacks), then a note when the program did not end by itself
     (``TimeLimitExceeded``, a sandbox ``Error``) and when the sandbox truncated its output; output longer than ``max_chars`` keeps its head and
@@ -227,6 +227,11 @@ class ToolLoop:
         return Trajectory(self.messages, self.turns, self.stop_reason)
 
 
+def failed(status: str, return_code: int | None) -> bool:
+    """Whether a sandbox run counts as a tool error: it did not finish by itself, or exited non-zero."""
+    return status != FINISHED or return_code != 0
+
+
 class CodeRunner(Protocol):
     """What the loop needs from a sandbox client (``sandbox.client.SandboxClient`` has it)."""
 
@@ -245,8 +250,7 @@ def execute(
     """
     run = sandbox.run_code(code, run_timeout=run_timeout)
     content = format_tool_output(run.stdout, run.stderr, run.status, run.truncated)
-    error = run.status != FINISHED or run.return_code != 0
-    return ToolResult(content, count_tokens(content), run.status, error)
+    return ToolResult(content, count_tokens(content), run.status, failed(run.status, run.return_code))
 
 
 def run_tool_loop(
