@@ -209,15 +209,22 @@ def load_benchmark(name_or_path: str, data_dir: str | Path = "data") -> pd.DataF
     try:
         raw = download(spec)
     except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FileNotFoundError(
-            f"{spec.name}: no {local} and the Hugging Face hub ({spec.hf_id}) is unreachable "
-            f"({type(error).__name__}); offline, run `ctpo data prepare --from-file {spec.name}=FILE` "
-            f"or pass --benchmarks path/to/{spec.name}.parquet"
+            f"{spec.name}: no {local}, and {spec.hf_id} could not be downloaded ({reason}); offline, run "
+            f"`ctpo data prepare --from-file {spec.name}=FILE` or pass --benchmarks path/to/{spec.name}.parquet"
         ) from error
     frame = to_verl(raw, spec, spec.hf_id)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(local)
+    write_parquet(frame, local)
     return validate(frame, spec.hf_id)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
 
 
 def ground_truth(row: pd.Series) -> str:

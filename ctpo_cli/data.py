@@ -27,6 +27,7 @@ from ctpo_cli.benchmarks import (
     output_name,
     to_verl,
     validate,
+    write_parquet,
 )
 
 LOCAL_FORMATS = (".parquet", ".json", ".jsonl", ".csv")
@@ -80,14 +81,6 @@ def convert_file(spec: DatasetSpec, path: Path) -> pd.DataFrame:
     if all(column in raw.columns for column in REQUIRED_COLUMNS):
         return validate(raw, str(path))
     return to_verl(raw, spec, str(path))
-
-
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    """Write atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
 
 
 def prepare(

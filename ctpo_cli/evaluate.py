@@ -117,7 +117,6 @@ class GenerationRequest:
 class Backend(Protocol):
     """A model that generates assistant turns for a batch of conversations."""
 
-    name: str
     default_batch_size: int
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
@@ -185,7 +184,6 @@ class HFBackend:
     the largest and each sequence is cut to its own (``finish_reason="length"``).
     """
 
-    name = "hf"
     default_batch_size = 16
 
     def __init__(self, model: str, sampling: Sampling) -> None:
@@ -253,7 +251,6 @@ class VLLMBackend:
     """vLLM's offline engine (GPU): every request of a batch scheduled together, one sample each with
     its own seed; prefix caching shares the prompt of a problem's samples."""
 
-    name = "vllm"
     default_batch_size = 4096
 
     def __init__(self, model: str, sampling: Sampling, seed: int) -> None:
@@ -302,7 +299,6 @@ class OpenAIBackend:
     tool-call ids. The served model name is the server's first entry of ``/v1/models``.
     """
 
-    name = "openai"
     default_batch_size = 64
 
     def __init__(self, model: str, base_url: str, sampling: Sampling, timeout: float = 600.0) -> None:
