@@ -820,26 +820,14 @@ def check_resume(out: Path, settings: EvalSettings) -> None:
 
 @contextmanager
 def sandbox_client(url: str | None, console: Console) -> Iterator[Any]:
-    """A client of ``url`` (checked healthy), else of a service started for the duration."""
-    from sandbox.client import SandboxClient, SandboxUnavailable
-    from sandbox.server import running_service
+    """A client of the service at ``url`` (it must be healthy), else of one started for the duration
+    (the same rule as ``ctpo train``: ``ctpo_cli.launcher.sandbox_for_run``)."""
+    from ctpo_cli.launcher import sandbox_for_run
+    from sandbox.client import SandboxClient
 
-    with ExitStack() as stack:
-        if url is None:
-            try:
-                service = stack.enter_context(running_service())
-            except SandboxUnavailable as error:
-                raise ValueError(
-                    f"could not start a sandbox ({error}); pass --sandbox-url or --no-tools"
-                ) from error
-            url = str(service.url)
-            console.print(f"[bold]sandbox:[/] started a service at {url}")
-        client = stack.enter_context(SandboxClient(url))
-        if not client.health():
-            raise ValueError(
-                f"the sandbox at {url} is not healthy: start it (`ctpo sandbox serve`), or give no --sandbox-url "
-                "and no $CTPO_SANDBOX_URL to have one started"
-            )
+    if url is None:
+        console.print("[bold]sandbox:[/] starting a service for this eval")
+    with sandbox_for_run(url) as sandbox, SandboxClient(sandbox.url) as client:
         yield client
 
 

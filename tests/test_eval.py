@@ -205,7 +205,9 @@ def test_eval_with_tools_end_to_end(
     tiny_model: Path, bench_file: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = workdir / "out"
-    summary = run_eval(settings(tiny_model, bench_file, out), Console(width=200))
+    console = Console(width=200, record=True)
+    summary = run_eval(settings(tiny_model, bench_file, out), console)
+    assert "starting a service for this eval" in console.export_text()
 
     records = read_jsonl(out / "generations" / "tiny.jsonl")
     assert sorted((r["problem_id"], r["sample"]) for r in records) == [
@@ -436,7 +438,7 @@ def test_openai_backend_against_a_completions_server(
         summary = run_eval(
             settings(tiny_model, bench_file, workdir / "out", backend="auto", base_url=url), console
         )
-    assert "started a service" not in console.export_text()
+    assert "starting a service" not in console.export_text()
     assert summary["avg_at_k"].tolist() == pytest.approx([2 / 3])
     assert {r["model"] for r in requests} == {"tiny"} and {tuple(r["stop"]) for r in requests} == {
         ("```output",)
@@ -468,7 +470,7 @@ def test_an_unhealthy_sandbox_fails_before_the_model_loads(
     tiny_model: Path, bench_file: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     forbid_model(monkeypatch)
-    with pytest.raises(ValueError, match=r"sandbox at http://127\.0\.0\.1:9 is not healthy"):
+    with pytest.raises(ValueError, match=r"sandbox service at http://127\.0\.0\.1:9 does not answer /health"):
         run_eval(
             settings(tiny_model, bench_file, workdir / "out", sandbox_url="http://127.0.0.1:9"), Console()
         )
