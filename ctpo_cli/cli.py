@@ -19,6 +19,11 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks: timings as ratios against a named baseline in the same run.")
 app.add_typer(bench_app, name="bench")
+plot_app = typer.Typer(
+    help="Figures from runs (run dirs, MLflow run ids or names; default: the latest run of each method).",
+    no_args_is_help=True,
+)
+app.add_typer(plot_app, name="plot")
 
 console = Console()
 
@@ -109,6 +114,23 @@ def train(
         console.print(f"run finished: {run_dir}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def quickstart(
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of the local config (e.g. rl.steps=20)."),
+    seed: int = typer.Option(0, help="Seed shared by every method (same data, same starting policy)."),
+    preset: str = typer.Option("tiny", help="Local configuration preset (tiny, smoke)."),
+    methods: str = typer.Option(",".join(("grpo", "gspo", "ctpo", "ctpo-fixed", "seq-is")), help="Comma-separated."),
+    samples: int = typer.Option(8, help="k of the held-out avg@k."),
+    out: Path = typer.Option(Path("runs"), help="Runs directory."),
+    figures: Path = typer.Option(Path("figures"), help="Where figures and tables go."),
+) -> None:
+    """The whole comparison on this machine: train every method, evaluate, plot, report (CPU, minutes)."""
+    from ctpo_cli.quickstart import quickstart as run_quickstart
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    run_quickstart(seed, preset, chosen, list(overrides or []), samples, out, figures, console)
+
+
 @bench_app.command("loss")
 def bench_loss(
     batch: int = typer.Option(64, help="Responses per micro-batch."),
@@ -162,6 +184,68 @@ def sandbox_serve(
     from sandbox.server import serve
 
     serve(host, port, workers, max_concurrency, unsafe_no_isolation, settings or [])
+
+
+RUNS_HELP = "Run dirs, run names under runs/, MLflow run ids or names (default: latest run of each method)."
+STEPS_HELP = "Comma-separated steps (nearest available); default: early, mid and late steps."
+ONPOLICY_HELP = "Also use each step's on-policy first mini-batch (pi = mu there, K_t ~ 0)."
+
+
+@plot_app.command("std-growth")
+def plot_std_growth(
+    runs: list[str] | None = typer.Argument(None, help=RUNS_HELP, show_default=False),
+    steps: str = typer.Option("", help=STEPS_HELP),
+    include_onpolicy: bool = typer.Option(False, help=ONPOLICY_HELP),
+    scale: str = typer.Option("log", help="Axis scale of both axes: log or linear."),
+    out: str = typer.Option("figures", help="Directory for the PNG, PDF and CSV files."),
+    mlflow: bool = typer.Option(True, help="Log the files to each run's MLflow record."),
+) -> None:
+    """std of the cumulative log ratio K_t against position t, with the σ√t and free power-law fits."""
+    from analysis.commands import Options, parse_steps, std_growth
+
+    if scale not in ("log", "linear"):
+        raise UserError(f"--scale must be log or linear, not {scale!r}")
+    std_growth(runs or [], parse_steps(steps), include_onpolicy, scale, Options(Path(out), mlflow, console))
+
+
+@plot_app.command("clip-rate")
+def plot_clip_rate(
+    runs: list[str] | None = typer.Argument(None, help=RUNS_HELP, show_default=False),
+    steps: str = typer.Option("", help=STEPS_HELP),
+    include_onpolicy: bool = typer.Option(False, help=ONPOLICY_HELP),
+    bins: int = typer.Option(24, min=2, help="Log-spaced position bins (at most)."),
+    out: str = typer.Option("figures", help="Directory for the PNG, PDF and CSV files."),
+    mlflow: bool = typer.Option(True, help="Log the files to each run's MLflow record."),
+) -> None:
+    """Clip rate by position of the fixed window vs the √t window, and its late/early uniformity."""
+    from analysis.commands import Options, clip_rate, parse_steps
+
+    clip_rate(runs or [], parse_steps(steps), include_onpolicy, bins, Options(Path(out), mlflow, console))
+
+
+@plot_app.command("curves")
+def plot_curves(
+    runs: list[str] | None = typer.Argument(None, help=RUNS_HELP, show_default=False),
+    smooth: int = typer.Option(1, min=1, help="Rolling mean over this many logged steps (not validation)."),
+    out: str = typer.Option("figures", help="Directory for the PNG and PDF files."),
+    mlflow: bool = typer.Option(True, help="Log the files to each run's MLflow record."),
+) -> None:
+    """Reward, validation avg@k, clip fraction, KL and response length against step, per method."""
+    from analysis.commands import Options, curves
+
+    curves(runs or [], smooth, Options(Path(out), mlflow, console))
+
+
+@app.command()
+def report(
+    runs: list[str] | None = typer.Argument(None, help=RUNS_HELP, show_default=False),
+    out: str = typer.Option("figures", help="Directory for the Markdown and CSV tables."),
+    mlflow: bool = typer.Option(True, help="Log the tables to each run's MLflow record."),
+) -> None:
+    """Table 2 (method x benchmark avg@k, 95% intervals), the ablation, and clipping by position."""
+    from analysis.commands import Options, run_report
+
+    run_report(runs or [], Options(Path(out), mlflow, console))
 
 
 @app.command()
@@ -339,6 +423,7 @@ def data_prepare(
 
 def main() -> None:
     """Entry point: user errors become one red line (CTPO_DEBUG=1 shows the traceback)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # Rich shows progress; no tqdm bars
     try:
         app()
     except (UserError, ValueError, FileNotFoundError) as error:
