@@ -395,10 +395,10 @@ def _check_inputs(
         if not tensor.is_floating_point():
             raise ValueError(f"{key} must be a floating-point tensor, got dtype {tensor.dtype}")
     if log_prob.device.type == "cpu":
-        mask = response_mask.bool()
-        for key, tensor in named.items():
-            if not bool(torch.isfinite(tensor.detach())[mask].all()):
-                raise ValueError(f"{key} contains NaN or inf at unmasked tokens")
+        finite = torch.stack([torch.isfinite(t.detach()) for t in named.values()]) | ~response_mask.bool()
+        if not bool(finite.all()):  # one pass when all is well; name the culprit otherwise
+            key = next(k for k, ok in zip(named, finite.flatten(1).all(dim=1).tolist(), strict=True) if not ok)
+            raise ValueError(f"{key} contains NaN or inf at unmasked tokens")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,9 +36,9 @@ class TaskConfig:
 class WarmStartConfig:
     """Supervised warm start on correct worked solutions (shared by all methods of a preset and seed)."""
 
-    steps: int = 120
+    steps: int = 800
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-2
 
 
 @dataclass
@@ -48,17 +48,17 @@ class RLConfig:
     Later mini-batches of a batch are off-policy (pi_theta != mu), which is where the IS ratio matters.
     """
 
-    steps: int = 30
+    steps: int = 40
     prompts_per_step: int = 16
     samples_per_prompt: int = 8
     minibatches: int = 4
-    lr: float = 1e-3
+    lr: float = 1e-4
     temperature: float = 1.0
     max_new_tokens: int = 96
     grad_clip: float = 1.0
     loss_agg_mode: str = "token-mean"
     val_every: int = 10
-    val_samples: int = 4
+    val_samples: int = 8
     checkpoint_every: int = 10
 
 

@@ -142,7 +142,11 @@ def avg_at_k(
     config: LocalConfig,
     device: str,
 ) -> float:
-    """Mean over problems of the fraction of k sampled responses that are right (avg@k)."""
+    """Mean over problems of the fraction of k sampled responses that are right (avg@k).
+
+    Sampling is seeded from the problems, so every method and step is judged on the same draws.
+    """
+    torch.manual_seed(len(problems) * 7919 + k)
     rollout = sample_responses(
         model, tokenizer, problems, k, config.rl.temperature, config.rl.max_new_tokens, device
     )
