@@ -1,0 +1,335 @@
+"""The figures: std growth of K_t, clip rate by position, training curves. PNG + PDF, one style.
+
+Built on :class:`matplotlib.figure.Figure` directly (no pyplot, no global backend state; rendering
+is Agg's). Colour means method everywhere (:mod:`analysis.style`); line style and marker mean the
+quantity (fit, window, direction) and seeds of one method differ by marker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from matplotlib import rc_context
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
+
+from analysis.curves import CURVES, Curve
+from analysis.positions import GrowthFit, window_label
+from analysis.runs import Run
+from analysis.style import method_color
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
+STYLE: dict[RcKeyType, Any] = {
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "lines.linewidth": 1.6,
+    "savefig.dpi": 150,
+    "pdf.fonttype": 42,
+}
+SEED_MARKERS = ("o", "s", "^", "D", "v", "P")
+LEGEND_HEADROOM = 1.35
+"""Top of a linear y axis as a multiple of the data's, leaving room for an upper-left legend."""
+WINDOW_STYLE = {"fixed": "-", "sqrt": "--"}
+DIRECTION_MARKER = {"low": "v", "high": "^"}
+
+
+@contextmanager
+def styled() -> Iterator[None]:
+    """The house style for building and saving a figure."""
+    with rc_context(STYLE):
+        yield
+
+
+def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    """Write ``out_dir/stem.png`` and ``.pdf``; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
+    with styled():
+        for path in paths:
+            fig.savefig(path)
+    return paths
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, str]:
+    """Colour of each method (registry colours; distinct fallbacks for unknown methods)."""
+    unique = list(dict.fromkeys(methods))
+    return {m: method_color(m, i) for i, m in enumerate(unique)}
+
+
+class Palette:
+    """Colour per method, marker per run within its method (stable over one figure)."""
+
+    def __init__(self, runs: Sequence[Run]) -> None:
+        methods = list(dict.fromkeys(r.method for r in runs))
+        self._color = method_colors(methods)
+        self._marker: dict[str, str] = {}
+        for method in methods:
+            same = [r for r in runs if r.method == method]
+            for i, run in enumerate(same):
+                self._marker[run.name] = SEED_MARKERS[i % len(SEED_MARKERS)]
+
+    def color(self, run: Run) -> str:
+        """The run's method colour."""
+        return self._color[run.method]
+
+    def marker(self, run: Run) -> str:
+        """The run's marker (distinguishes seeds of one method)."""
+        return self._marker[run.name]
+
+
+def _grid(panels: int, rows: int = 1, width: float = 4.3, height: float = 3.6) -> tuple[Figure, np.ndarray]:
+    """A constrained-layout figure with ``rows`` x ``panels`` axes (always a 2-D array)."""
+    fig = Figure(figsize=(width * panels, height * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, panels, squeeze=False)
+    return fig, axes
+
+
+def _readable_log_ticks(ax: Axes, which: str = "xy") -> None:
+    """Log axes labelled 0.01, 0.02, 0.05, 0.1, ... instead of powers of ten."""
+    for axis in [a for name, a in (("x", ax.xaxis), ("y", ax.yaxis)) if name in which]:
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _style_handles(entries: Sequence[tuple[str, dict[str, Any]]]) -> list[Line2D]:
+    """Grey legend handles that explain line styles and markers."""
+    return [Line2D([], [], color="0.35", label=label, **kwargs) for label, kwargs in entries]
+
+
+# ---------------------------------------------------------------------------------------------
+# std of K_t against t
+
+
+@dataclass(frozen=True)
+class StdSeries:
+    """One run at one step: per-position std of K_t and its fits."""
+
+    run: Run
+    step: int
+    std: pd.DataFrame
+    fit: GrowthFit
+
+
+def std_growth_figure(panels: Sequence[tuple[str, Sequence[StdSeries]]], scale: str = "log") -> Figure:
+    """One panel per (title, series): points s_t, solid sigma sqrt(t) fit, dashed a t^b fit."""
+    palette = Palette([s.run for _, series in panels for s in series])
+    with styled():
+        fig, axes = _grid(len(panels))
+        for ax, (title, series) in zip(axes[0], panels, strict=True):
+            for s in series:
+                _draw_std(ax, s, palette)
+            ax.set(title=title, xlabel="token position t (model tokens)", xscale=scale, yscale=scale)
+            if scale == "log":
+                _readable_log_ticks(ax)
+            ax.legend(loc="lower right" if scale == "log" else "upper left", frameon=False)
+        axes[0, 0].set_ylabel("std of K_t (nats)")
+        fig.suptitle("Spread of the cumulative log ratio K_t grows with position")
+        fig.legend(
+            handles=_style_handles(
+                [
+                    ("per-position std of K_t", {"marker": "o", "linestyle": "none", "markersize": 4}),
+                    ("fit σ√t (weights n_t/t)", {"linestyle": "-"}),
+                    ("free fit a·t^b (log-log, weights n_t)", {"linestyle": "--"}),
+                ]
+            ),
+            loc="outside lower center",
+            ncol=3,
+            frameon=False,
+        )
+    return fig
+
+
+def _draw_std(ax: Axes, s: StdSeries, palette: Palette) -> None:
+    color = palette.color(s.run)
+    t = s.std["position"].to_numpy(dtype=float)
+    ax.plot(
+        t,
+        s.std["std"],
+        linestyle="none",
+        marker=palette.marker(s.run),
+        markersize=2.5,
+        alpha=0.35,
+        color=color,
+        rasterized=True,
+    )
+    grid = np.geomspace(max(t.min(), 1.0), t.max(), 200)
+    fit = s.fit
+    label = f"{s.run.label}, step {s.step}: σ̂={fit.sigma:.3g}; b={fit.exponent:.2f}, R²={fit.r2:.3f}"
+    ax.plot(grid, fit.sigma * np.sqrt(grid), color=color, label=label)
+    ax.plot(grid, fit.amplitude * grid**fit.exponent, color=color, linestyle="--", linewidth=1.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# clip rate by position
+
+
+@dataclass(frozen=True)
+class ClipSeries:
+    """One run at one step: binned clip rates and the late/early uniformity table."""
+
+    run: Run
+    step: int
+    rates: pd.DataFrame
+    uniformity: pd.DataFrame
+
+
+def clip_rate_figure(panels: Sequence[tuple[str, Sequence[ClipSeries]]]) -> Figure:
+    """Per step (column): total clip rate of the fixed and the sqrt(t) window (top row) and the same
+    split by direction (bottom row), against position on a log axis."""
+    palette = Palette([s.run for _, series in panels for s in series])
+    with styled():
+        fig, axes = _grid(len(panels), rows=2, height=3.3)
+        for column, (title, series) in enumerate(panels):
+            top, bottom = axes[0, column], axes[1, column]
+            for s in series:
+                _draw_clip_total(top, s, palette)
+                _draw_clip_direction(bottom, s, palette)
+            top.set_title(title)
+            for ax in (top, bottom):
+                ax.set_xscale("log")
+                _readable_log_ticks(ax, "x")
+                ax.set_ylim(0, ax.get_ylim()[1] * LEGEND_HEADROOM)
+                ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
+            top.legend(loc="upper left", frameon=False)
+            bottom.set_xlabel("token position t (model tokens, log-spaced bins)")
+        axes[0, 0].set_ylabel("tokens clipped, total")
+        axes[1, 0].set_ylabel("tokens clipped, by direction")
+        fig.suptitle("Clip rate of K_t by position: fixed window vs √t window")
+        fig.legend(handles=_clip_handles(), loc="outside lower center", ncol=4, frameon=False)
+    return fig
+
+
+def _clip_handles() -> list[Line2D]:
+    entries = [
+        (window_label(w), {"linestyle": WINDOW_STYLE[w], "marker": "o", "markersize": 3})
+        for w in WINDOW_STYLE
+    ]
+    entries += [
+        (
+            f"{d} {'(K_t below window)' if d == 'low' else '(K_t above window)'}",
+            {"marker": m, "linestyle": "none"},
+        )
+        for d, m in DIRECTION_MARKER.items()
+    ]
+    return _style_handles(entries)
+
+
+def _draw_clip_total(ax: Axes, s: ClipSeries, palette: Palette) -> None:
+    color = palette.color(s.run)
+    u = s.uniformity["ratio"]
+    label = (
+        f"{s.run.label}, step {s.step}: late/early fixed {ratio_text(u['fixed'])}, √t {ratio_text(u['sqrt'])}"
+    )
+    for window, style in WINDOW_STYLE.items():
+        ax.plot(
+            s.rates["position"],
+            s.rates[window],
+            linestyle=style,
+            marker="o",
+            markersize=3,
+            color=color,
+            label=label if window == "fixed" else None,
+        )
+
+
+def _draw_clip_direction(ax: Axes, s: ClipSeries, palette: Palette) -> None:
+    color = palette.color(s.run)
+    for window, style in WINDOW_STYLE.items():
+        for direction, marker in DIRECTION_MARKER.items():
+            ax.plot(
+                s.rates["position"],
+                s.rates[f"{window}_{direction}"],
+                linestyle=style,
+                marker=marker,
+                markersize=4,
+                linewidth=1.1,
+                color=color,
+            )
+
+
+def ratio_text(ratio: float) -> str:
+    """A late/early clip-rate ratio: ``×1.04``, ``×41``, ``×∞`` (only late positions clip), ``n/a`` (none clip)."""
+    if math.isnan(ratio):
+        return "n/a"
+    return "×∞" if math.isinf(ratio) else f"×{ratio:.3g}" if ratio < 1000 else f"×{ratio:.0f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# training curves
+
+
+@dataclass(frozen=True)
+class MethodCurves:
+    """One method's curves: per canonical curve name, the seed band (see analysis.curves.seed_band)."""
+
+    method: str
+    seeds: int
+    bands: dict[str, pd.DataFrame]
+
+
+def curves_figure(methods: Sequence[MethodCurves], smooth_window: int = 1) -> Figure:
+    """One panel per canonical curve, one line per method (mean over seeds, min-max band)."""
+    colors = method_colors([m.method for m in methods])
+    with styled():
+        fig = Figure(figsize=(13.5, 7.2), layout="constrained")
+        axes = fig.subplots(2, 3).ravel()
+        for ax, curve in zip(axes[: len(CURVES)], CURVES, strict=True):
+            _draw_curve(ax, curve, methods, colors)
+        legend_ax = axes[len(CURVES)]
+        legend_ax.axis("off")
+        handles = [Line2D([], [], color=colors[m.method], label=_method_label(m)) for m in methods]
+        legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=10, title="method")
+        note = "band: min–max over seeds" + (
+            f"; dense curves: rolling mean of {smooth_window} steps" if smooth_window > 1 else ""
+        )
+        legend_ax.text(0.5, 0.08, note, ha="center", transform=legend_ax.transAxes, fontsize=8, color="0.35")
+        fig.suptitle("Training dynamics")
+    return fig
+
+
+def _method_label(m: MethodCurves) -> str:
+    return f"{m.method} ({m.seeds} seed{'s' if m.seeds != 1 else ''})"
+
+
+def _draw_curve(ax: Axes, curve: Curve, methods: Sequence[MethodCurves], colors: dict[str, str]) -> None:
+    drawn = False
+    for m in methods:
+        band = m.bands.get(curve.name)
+        if band is None or band.empty:
+            continue
+        color = colors[m.method]
+        marker = None if curve.dense else "o"
+        ax.plot(band.index, band["mean"], color=color, marker=marker, markersize=4)
+        if m.seeds > 1:
+            ax.fill_between(band.index, band["low"], band["high"], color=color, alpha=0.2, linewidth=0)
+        drawn = True
+    ax.set(xlabel="training step", ylabel=curve.label)
+    if not drawn:
+        ax.text(
+            0.5,
+            0.5,
+            "not logged by these runs",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="0.4",
+        )
