@@ -116,10 +116,14 @@ def train(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def quickstart(
-    overrides: list[str] = typer.Argument(None, help="key=value overrides of the local config (e.g. rl.steps=20)."),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides of the local config (e.g. rl.steps=20)."
+    ),
     seed: int = typer.Option(0, help="Seed shared by every method (same data, same starting policy)."),
     preset: str = typer.Option("tiny", help="Local configuration preset (tiny, smoke)."),
-    methods: str = typer.Option(",".join(("grpo", "gspo", "ctpo", "ctpo-fixed", "seq-is")), help="Comma-separated."),
+    methods: str = typer.Option(
+        ",".join(("grpo", "gspo", "ctpo", "ctpo-fixed", "seq-is")), help="Comma-separated."
+    ),
     samples: int = typer.Option(8, help="k of the held-out avg@k."),
     out: Path = typer.Option(Path("runs"), help="Runs directory."),
     figures: Path = typer.Option(Path("figures"), help="Where figures and tables go."),
@@ -351,6 +355,9 @@ def eval_command(
     seed: int = typer.Option(0, help="Base seed of the per-sample seeds."),
     batch_size: int = typer.Option(0, help="Samples generated together (0: the backend's default)."),
     rescore: bool = typer.Option(False, "--rescore", help="Re-score saved generations; no model is loaded."),
+    prompt_as_is: bool = typer.Option(
+        False, "--prompt-as-is", help="Use the benchmark's messages unchanged (no system prompt added)."
+    ),
 ) -> None:
     """avg@k with tool-integrated reasoning (the paper's Table 2), resumable; summary in <out>/ and MLflow."""
     from pathlib import Path
@@ -377,6 +384,7 @@ def eval_command(
         seed=seed,
         batch_size=batch_size,
         rescore=rescore,
+        prompt_as_is=prompt_as_is,
     )
     run_eval(settings, console)
 

@@ -75,7 +75,7 @@ SUMMARY_FILE, SUMMARY_MD, PER_PROBLEM_FILE, CONFIG_FILE = (
     "eval_config.json",
 )
 GENERATIONS_DIR = "generations"
-RESUME_KEYS = ("model", "temperature", "top_p", "max_turns", "max_tokens", "tools", "seed")
+RESUME_KEYS = ("model", "temperature", "top_p", "max_turns", "max_tokens", "tools", "seed", "prompt_as_is")
 """Settings that must match for a rerun to add samples to an existing output directory."""
 
 
@@ -99,6 +99,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 0  # trajectories advanced together; 0: the backend's default
     rescore: bool = False
+    prompt_as_is: bool = False  # the benchmark's messages unchanged: no system prompt added or replaced
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,10 +454,13 @@ def sample_record(job: _Job, trajectory: Trajectory, correct: bool) -> dict[str,
 # Running trajectories
 
 
-def eval_messages(row: pd.Series, tools: bool) -> list[dict[str, Any]]:
+def eval_messages(row: pd.Series, tools: bool, as_is: bool = False) -> list[dict[str, Any]]:
     """The prompt: with tools, the dataset's own system message if it has one, else ``SYSTEM_PROMPT``;
-    without tools, ``NO_TOOLS_SYSTEM_PROMPT`` in place of any system message."""
+    without tools, ``NO_TOOLS_SYSTEM_PROMPT`` in place of any system message; ``as_is``: unchanged
+    (for a model trained on exactly these prompts, e.g. the local backend's synthetic task)."""
     messages = prompt_messages(row)
+    if as_is:
+        return messages
     rest = [m for m in messages if m["role"] != "system"]
     if tools and len(rest) < len(messages):
         return messages
@@ -880,7 +884,7 @@ def generate_all(
                         s,
                         ground_truth(row),
                         ToolLoop(
-                            eval_messages(row, settings.tools),
+                            eval_messages(row, settings.tools, settings.prompt_as_is),
                             settings.max_turns,
                             settings.max_tokens,
                             settings.tools,

@@ -56,7 +56,7 @@ def quickstart(
 
     console.rule("[bold]held-out evaluation (ctpo eval)")
     benchmark = write_eval_set(runs_dir / "quickstart" / f"{DATA_SOURCE}.parquet", config.task, seed)
-    for method, run in runs.items():
+    for run in runs.values():
         settings = EvalSettings(
             model=str(run / rundir.CHECKPOINT_DIR),
             benchmarks=(str(benchmark),),
@@ -64,6 +64,7 @@ def quickstart(
             temperature=config.rl.temperature,
             max_tokens=config.rl.max_new_tokens,
             tools=False,
+            prompt_as_is=True,  # the prompts the policy was trained on, no system prompt
             backend="hf",
             out=run / "eval",
             seed=seed,
