@@ -16,9 +16,8 @@ from mlflow.tracking import MlflowClient
 
 
 def test_train_eval_plot_report_mlflow(tmp_path: Path) -> None:
-    env = {
-        k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"
-    }  # the default store: ./mlflow.db
+    # the default store (./mlflow.db); a wide terminal, so Rich tables do not elide run names
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"COLUMNS": "200"}
 
     def ctpo(*args: str) -> str:
         result = subprocess.run(

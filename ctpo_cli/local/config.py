@@ -58,7 +58,7 @@ class RLConfig:
     grad_clip: float = 1.0
     loss_agg_mode: str = "token-mean"
     val_every: int = 10
-    val_samples: int = 8
+    val_samples: int = 4
     checkpoint_every: int = 10
 
 
