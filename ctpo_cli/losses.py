@@ -397,7 +397,9 @@ def _check_inputs(
     if log_prob.device.type == "cpu":
         finite = torch.stack([torch.isfinite(t.detach()) for t in named.values()]) | ~response_mask.bool()
         if not bool(finite.all()):  # one pass when all is well; name the culprit otherwise
-            key = next(k for k, ok in zip(named, finite.flatten(1).all(dim=1).tolist(), strict=True) if not ok)
+            key = next(
+                k for k, ok in zip(named, finite.flatten(1).all(dim=1).tolist(), strict=True) if not ok
+            )
             raise ValueError(f"{key} contains NaN or inf at unmasked tokens")
 
 
@@ -443,7 +445,9 @@ def clipped_policy_loss(
     mask = terms.mask
 
     weight = torch.exp(window.log_weight)
-    low, high = (torch.as_tensor(b, dtype=weight.dtype, device=weight.device) for b in (window.low, window.high))
+    low, high = (
+        torch.as_tensor(b, dtype=weight.dtype, device=weight.device) for b in (window.low, window.high)
+    )
     clipped_weight = torch.clamp(weight, min=low, max=high)
     loss_unclipped = -advantages * weight
     loss_clipped = -advantages * clipped_weight
