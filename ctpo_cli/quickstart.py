@@ -21,6 +21,9 @@ from ctpo_cli.local.task import DATA_SOURCE, write_eval_set
 from ctpo_cli.local.train import train_local
 from ctpo_cli.losses import METHODS
 
+QUICKSTART_EVAL = Path("eval") / "quickstart"
+"""Where the held-out eval goes inside each run, beside what a later `ctpo eval` writes to eval/."""
+
 
 def quickstart(
     seed: int = 0,
@@ -66,7 +69,7 @@ def quickstart(
             tools=False,
             prompt_as_is=True,  # the prompts the policy was trained on, no system prompt
             backend="hf",
-            out=run / "eval",
+            out=run / QUICKSTART_EVAL,
             seed=seed,
         )
         run_eval(settings, console)
@@ -92,7 +95,7 @@ def comparison(runs: dict[str, Path]) -> pd.DataFrame:
         metrics = rundir.read_metrics(run)
         train = metrics[metrics["step"] > 0]
         val = metrics.dropna(subset=["val/avg_at_k"]) if "val/avg_at_k" in metrics else metrics.iloc[:0]
-        summary = pd.read_csv(run / "eval" / "summary.csv").iloc[-1]  # the only benchmark (or the average)
+        summary = pd.read_csv(run / QUICKSTART_EVAL / "summary.csv").iloc[-1]  # the only benchmark (or the average)
         head, tail = train.head(5), train.tail(5)
         rows.append(
             {
