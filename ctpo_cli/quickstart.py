@@ -95,7 +95,9 @@ def comparison(runs: dict[str, Path]) -> pd.DataFrame:
         metrics = rundir.read_metrics(run)
         train = metrics[metrics["step"] > 0]
         val = metrics.dropna(subset=["val/avg_at_k"]) if "val/avg_at_k" in metrics else metrics.iloc[:0]
-        summary = pd.read_csv(run / QUICKSTART_EVAL / "summary.csv").iloc[-1]  # the only benchmark (or the average)
+        summary = pd.read_csv(run / QUICKSTART_EVAL / "summary.csv").iloc[
+            -1
+        ]  # the only benchmark (or the average)
         head, tail = train.head(5), train.tail(5)
         rows.append(
             {
