@@ -384,8 +384,6 @@ def train_local(
     hparams = method_hparams(method, config.loss)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    policy, tokenizer = initial_policy(config, model, seed, runs_dir, device, console)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.rl.lr)
     start_step = 0
     state_file = run_dir / rundir.CHECKPOINT_DIR / "trainer_state.pt"
     if resume:
@@ -395,6 +393,9 @@ def train_local(
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
         console.print(f"resuming [bold]{run_dir}[/] from step {start_step}")
+    else:
+        policy, tokenizer = initial_policy(config, model, seed, runs_dir, device, console)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.rl.lr)
 
     params = {
         "method": method,
