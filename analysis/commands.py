@@ -4,6 +4,7 @@ draw, write PNG + PDF (+ CSV/Markdown), log them to each run's MLflow record, an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from analysis.figures import (
 from analysis.runs import Run, load_metrics, load_positions, log_artifacts, resolve_runs
 
 PHASES = ("early", "mid", "late")
+TABLE2_TITLE = "Table 2: avg@k (%) [95% interval: over seeds when there are ≥ 2, else across problems]"
 UNIFORMITY_TITLE = (
     "clip rate in the first and last token-quartile of positions (¼: positions holding 25% of tokens)\n"
     f"{positions.window_label('fixed')}; {positions.window_label('sqrt')}"
@@ -243,56 +245,46 @@ def curves(run_args: Sequence[str], smooth_window: int, options: Options) -> lis
 # report
 
 
-def run_report(run_args: Sequence[str], options: Options) -> list[Path]:
-    """``ctpo report``: Table 2, the ablation, eval behaviour and the clipping mechanism per run."""
-    runs = _runs(run_args, options)
-    summaries = []
+def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -> list[Path]:
+    """``ctpo report``: Table 2, the ablation, eval behaviour and the clipping mechanism per run.
+
+    ``run_args`` may also name eval directories outside any run (the base model); ``eval_name``
+    picks ``<run_dir>/eval/<eval_name>/`` when a run has several evaluations.
+    """
+    base_dirs = [Path(a) for a in run_args if report.is_eval_dir(Path(a))]
+    run_names = [a for a in run_args if not report.is_eval_dir(Path(a))]
+    runs = _runs(run_names, options) if run_names or not base_dirs else []
+    evaluated = [(report.base_run(path), report.read_eval(path)) for path in base_dirs]
     for run in runs:
         try:
-            summaries.append((run, report.read_summary(run)))
+            evaluated.append((run, report.read_eval(report.run_eval_dir(run, eval_name))))
         except FileNotFoundError as error:
             options.console.print(f"skipped: {error}", highlight=False)
-    if not summaries:
+    if not evaluated:
         raise FileNotFoundError(
             "none of these runs has eval results (<run_dir>/eval/summary.csv); run `ctpo eval` first"
         )
-    groups = report.group_runs(summaries)
+    for run, result in evaluated:
+        options.console.print(f"{run.label}: eval results from {result.path}", highlight=False)
+    groups = report.group_runs(evaluated)
     table = report.table2(groups)
-    sections = [("Table 2: avg@k (%) with 95% intervals", report.table2_display(table), table, "table2")]
-    ablation = report.ablation(table)
+    sections = [(TABLE2_TITLE, report.table2_display(table), table, "table2")]
+    ablation = report.ablation(groups, table)
     if ablation is None:
         options.console.print(
             "ablation: needs evaluated ctpo and ctpo-fixed runs of the same model", highlight=False
         )
     else:
-        sections.append(
-            (
-                "Ablation: ctpo vs ctpo-fixed (avg@k %, 95% interval of Δ)",
-                report.ablation_display(ablation),
-                ablation,
-                "ablation",
-            )
-        )
+        title = "Ablation: ctpo vs ctpo-fixed (avg@k %, Δ with its 95% interval)"
+        sections.append((title, report.ablation_display(ablation), ablation, "ablation"))
     behaviour = report.behaviour(groups)
     if not behaviour.empty:
-        sections.append(
-            (
-                "Eval behaviour (average over benchmarks, mean over seeds)",
-                _numbers(behaviour),
-                behaviour,
-                "behaviour",
-            )
-        )
+        title = "Eval behaviour (average over benchmarks, mean over seeds)"
+        sections.append((title, _numbers(behaviour), behaviour, "behaviour"))
     mechanism = _mechanism(runs, options.console)
     if not mechanism.empty:
-        sections.append(
-            (
-                "Clipping by position (last diagnosed step, off-policy)",
-                _mechanism_display(mechanism),
-                mechanism,
-                "mechanism",
-            )
-        )
+        title = "Clipping by position (last diagnosed step, off-policy)"
+        sections.append((title, _mechanism_display(mechanism), mechanism, "mechanism"))
     paths = []
     for title, shown, data, stem in sections:
         _print_frame(shown, title, options.console)
@@ -339,4 +331,9 @@ def _window_quartiles(frame: pd.DataFrame, window: str) -> list[str]:
 
 
 def _numbers(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.apply(lambda c: c.map("{:.3g}".format) if pd.api.types.is_float_dtype(c) else c)
+    """Floats to 3 significant digits, missing values as ``–``."""
+
+    def text(value: float) -> str:
+        return "–" if math.isnan(value) else f"{value:.3g}"
+
+    return frame.apply(lambda c: c.map(text) if pd.api.types.is_float_dtype(c) else c)

@@ -31,6 +31,8 @@ class Curve:
     """Candidate metric names (regular expressions), most specific first."""
     dense: bool = True
     """Logged at every step (smoothing applies); validation curves are sparse."""
+    percent: bool = False
+    """A fraction, shown in percent."""
 
     def compiled(self) -> list[re.Pattern[str]]:
         """The patterns, compiled."""
@@ -45,11 +47,12 @@ CURVES: tuple[Curve, ...] = (
     ),
     Curve(
         "val",
-        "validation avg@k (fraction solved)",
+        "validation avg@k (% of samples solved)",
         (r"val/avg_at_k", r"val-core/[^/]+/acc/mean(@|_at_)\d+", r"val-core/[^/]+/reward/mean(@|_at_)\d+"),
         dense=False,
+        percent=True,
     ),
-    Curve("clipfrac", "clip fraction (tokens)", (r"actor/pg_clipfrac",)),
+    Curve("clipfrac", "clipped tokens (pg_clipfrac)", (r"actor/pg_clipfrac",), percent=True),
     Curve("kl", "KL(μ‖π_θ) estimate (nats/token)", (r"actor/ppo_kl",)),
     Curve("length", "response length (tokens)", (r"response_length/mean",)),
 )

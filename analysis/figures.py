@@ -78,6 +78,7 @@ class Palette:
     """Colour per method, marker per run within its method (stable over one figure)."""
 
     def __init__(self, runs: Sequence[Run]) -> None:
+        runs = list({r.name: r for r in runs}.values())  # a run may appear in several panels
         methods = list(dict.fromkeys(r.method for r in runs))
         self._color = method_colors(methods)
         self._marker: dict[str, str] = {}
@@ -103,9 +104,13 @@ def _grid(panels: int, rows: int = 1, width: float = 4.3, height: float = 3.6) -
 
 
 def _readable_log_ticks(ax: Axes, which: str = "xy") -> None:
-    """Log axes labelled 0.01, 0.02, 0.05, 0.1, ... instead of powers of ten."""
-    for axis in [a for name, a in (("x", ax.xaxis), ("y", ax.yaxis)) if name in which]:
-        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    """Log axes labelled 0.01, 0.02, 0.05, 0.1, ... (1-2-5 steps over up to 3 decades, else powers of
+    ten) instead of 10^k."""
+    for name, axis, (low, high) in (("x", ax.xaxis, ax.get_xlim()), ("y", ax.yaxis, ax.get_ylim())):
+        if name not in which:
+            continue
+        decades = math.log10(high / low) if low > 0 else math.inf
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,)))
         axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_minor_formatter(NullFormatter())
 
@@ -132,17 +137,18 @@ class StdSeries:
 def std_growth_figure(panels: Sequence[tuple[str, Sequence[StdSeries]]], scale: str = "log") -> Figure:
     """One panel per (title, series): points s_t, solid sigma sqrt(t) fit, dashed a t^b fit."""
     palette = Palette([s.run for _, series in panels for s in series])
+    entries = max(len(series) for _, series in panels)
     with styled():
-        fig, axes = _grid(len(panels))
+        fig, axes = _grid(len(panels), height=3.4 + 0.2 * entries)  # room for the legends below
         for ax, (title, series) in zip(axes[0], panels, strict=True):
             for s in series:
                 _draw_std(ax, s, palette)
             ax.set(title=title, xlabel="token position t (model tokens)", xscale=scale, yscale=scale)
             if scale == "log":
                 _readable_log_ticks(ax)
-            ax.legend(loc="lower right" if scale == "log" else "upper left", frameon=False)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
         axes[0, 0].set_ylabel("std of K_t (nats)")
-        fig.suptitle("Spread of the cumulative log ratio K_t grows with position")
+        fig.suptitle("Std of the cumulative log ratio K_t by position")
         fig.legend(
             handles=_style_handles(
                 [
@@ -323,6 +329,8 @@ def _draw_curve(ax: Axes, curve: Curve, methods: Sequence[MethodCurves], colors:
             ax.fill_between(band.index, band["low"], band["high"], color=color, alpha=0.2, linewidth=0)
         drawn = True
     ax.set(xlabel="training step", ylabel=curve.label)
+    if curve.percent:
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
     if not drawn:
         ax.text(
             0.5,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from analysis.style import METHOD_COLORS
 from ctpo_cli.diagnostics import POSITIONS_DIR, read_positions
 from ctpo_cli.rundir import (
     METRICS_FILE,
@@ -67,10 +68,18 @@ class Run:
 
 
 def resolve_runs(args: Sequence[str], base: Path = RUNS_DIR) -> list[Run]:
-    """The runs named by ``args``, or the latest run of each method when ``args`` is empty."""
-    if not args:
-        return latest_runs(base)
-    return [resolve_run(arg, base) for arg in args]
+    """The runs named by ``args``, or the latest run of each method when ``args`` is empty; in
+    :func:`run_order` (so every figure and table lists methods the same way)."""
+    runs = [resolve_run(arg, base) for arg in args] if args else latest_runs(base)
+    return sorted(runs, key=run_order)
+
+
+def run_order(run: Run) -> tuple[int, str, int, str]:
+    """Sort key: methods in the registry's order (grpo, gspo, ctpo, ...; unknown ones last, by
+    name), then seed, then name."""
+    known = list(METHOD_COLORS)
+    rank = known.index(run.method) if run.method in known else len(known)
+    return rank, run.method, -1 if run.seed is None else run.seed, run.name
 
 
 def resolve_run(arg: str, base: Path = RUNS_DIR) -> Run:

@@ -242,14 +242,21 @@ def plot_curves(
 
 @app.command()
 def report(
-    runs: list[str] | None = typer.Argument(None, help=RUNS_HELP, show_default=False),
+    runs: list[str] | None = typer.Argument(
+        None,
+        help=RUNS_HELP + " Eval dirs outside a run (ctpo eval --model M) count as 'base'.",
+        show_default=False,
+    ),
+    eval_name: str = typer.Option(
+        "", "--eval", help="Read <run>/eval/<EVAL>/ (default: eval/ itself, else its newest sub-directory)."
+    ),
     out: str = typer.Option("figures", help="Directory for the Markdown and CSV tables."),
     mlflow: bool = typer.Option(True, help="Log the tables to each run's MLflow record."),
 ) -> None:
     """Table 2 (method x benchmark avg@k, 95% intervals), the ablation, and clipping by position."""
     from analysis.commands import Options, run_report
 
-    run_report(runs or [], Options(Path(out), mlflow, console))
+    run_report(runs or [], Options(Path(out), mlflow, console), eval_name)
 
 
 @app.command()

@@ -324,7 +324,8 @@ def test_curves_figure_from_metrics_files(tmp_path: Path, monkeypatch: pytest.Mo
 # report
 
 
-def write_summary(run_dir: Path, values: dict[str, float], stderr: float = 0.02) -> None:
+def write_summary(eval_dir: Path, values: dict[str, float], stderr: float = 0.02) -> None:
+    """A ``ctpo eval`` summary.csv with these avg@k values (fractions), one row per benchmark."""
     rows = [
         {
             "benchmark": b,
@@ -342,8 +343,8 @@ def write_summary(run_dir: Path, values: dict[str, float], stderr: float = 0.02)
         }
         for b, v in values.items()
     ]
-    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(run_dir / "eval" / "summary.csv", index=False)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(eval_dir / "summary.csv", index=False)
 
 
 PAPER_SET = ("aime25", "aime26", "hmmt_nov_2025", "brumo_2025")
@@ -356,7 +357,7 @@ def make_eval_run(base: Path, method: str, seed: int, score: float) -> Path:
     )
     values = {b: score + 0.01 * i for i, b in enumerate(PAPER_SET)}
     values["average"] = float(np.mean(list(values.values())))
-    write_summary(run, values)
+    write_summary(run / "eval", values)
     return run
 
 
@@ -397,14 +398,83 @@ def test_report_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "| ctpo |" in markdown.replace("| Qwen3-14B ", "") and "52.0 [" in markdown
 
 
+def group_of(model: str, benchmarks: list[str]) -> report.Group:
+    summary = pd.DataFrame({"benchmark": benchmarks, "avg_at_k": 0.5})
+    return report.Group(model, "ctpo", (report.EvalResult(Path("."), summary, None),))
+
+
 def test_report_is_not_compared_to_the_paper_on_other_benchmarks() -> None:
-    frame = pd.DataFrame({"benchmark": ["aime24", "average"], "avg_at_k": [0.5, 0.5]})
-    assert not report.paper_comparable(report.Group("Qwen3-14B", "ctpo", (frame,)))
-    names = pd.DataFrame(
-        {"benchmark": ["math-ai/aime2025", "AIME26", "hmmt-nov-2025", "brumo_2025", "average"]}
+    assert not report.paper_comparable(group_of("Qwen3-14B", ["aime24", "average"]))
+    names = ["math-ai/aime2025", "AIME26", "hmmt-nov-2025", "brumo_2025", "average"]
+    assert report.paper_comparable(group_of("Qwen3-14B", names))
+    assert not report.paper_comparable(group_of("Qwen3-4B-Instruct-2507", names))
+
+
+def write_problems(eval_dir: Path, rates: list[float]) -> None:
+    pd.DataFrame(
+        {
+            "benchmark": "count",
+            "problem_id": [f"p{i}" for i in range(len(rates))],
+            "n_samples": 4,
+            "pass_rate": rates,
+        }
+    ).to_csv(eval_dir / "per_problem.csv", index=False)
+
+
+def test_report_paired_ablation_named_eval_and_base_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rates = {"ctpo": [0.5, 0.75, 1.0, 0.25], "ctpo-fixed": [0.25, 0.75, 0.5, 0.25]}
+    for method, values in rates.items():
+        run = tmp_path / "runs" / method
+        rundir.write_run_info(run, {"method": method, "seed": 0, "model": "tiny"})
+        write_summary(run / "eval" / "quickstart", {"count": float(np.mean(values))}, stderr=0.1)
+        write_problems(run / "eval" / "quickstart", values)
+        write_summary(run / "eval" / "other", {"aime25": 0.0})  # a later evaluation on another set
+    base = tmp_path / "evals" / "tiny"
+    write_summary(base, {"count": 0.05})
+    (base / "eval_config.json").write_text(json.dumps({"model": "tiny"}))
+    result = CliRunner().invoke(
+        app,
+        [
+            "report",
+            "runs/ctpo",
+            "runs/ctpo-fixed",
+            str(base),
+            "--eval",
+            "quickstart",
+            "--out",
+            "out",
+            "--no-mlflow",
+        ],
     )
-    assert report.paper_comparable(report.Group("Qwen3-14B", "ctpo", (names,)))
-    assert not report.paper_comparable(report.Group("Qwen3-4B-Instruct-2507", "ctpo", (names,)))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "out" / "report_table2.csv")
+    assert set(table["benchmark"]) == {"count"}
+    assert table.set_index("method")["mean"].to_dict() == pytest.approx(
+        {"ctpo": 0.625, "ctpo-fixed": 0.4375, "base": 0.05}
+    )
+    row = pd.read_csv(tmp_path / "out" / "report_ablation.csv").iloc[0]
+    # per-problem differences 0.25, 0, 0.5, 0: mean 0.1875, sample sd sqrt(0.171875 / 3), 4 problems
+    half = 1.959964 * math.sqrt(0.171875 / 3) / 2
+    assert (row["delta"], row["ci_high"] - row["delta"]) == (
+        pytest.approx(0.1875),
+        pytest.approx(half, rel=1e-5),
+    )
+    assert row["interval"] == "paired, 4 problems"
+    behaviour = pd.read_csv(tmp_path / "out" / "report_behaviour.csv")  # single-benchmark summaries
+    assert set(behaviour["method"]) == {"ctpo", "ctpo-fixed", "base"}
+
+
+def test_seeds_of_a_method_get_distinct_markers_across_panels() -> None:
+    from analysis.figures import Palette
+
+    a, b = Run("a", "ctpo", 0), Run("b", "ctpo", 1)
+    palette = Palette([a, b, a, b])  # the same runs in two panels
+    assert (palette.marker(a), palette.marker(b)) == ("o", "s")
+    assert palette.color(a) == palette.color(b)
 
 
 # ---------------------------------------------------------------------------------------------
