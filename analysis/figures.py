@@ -45,6 +45,8 @@ STYLE: dict[RcKeyType, Any] = {
     "pdf.fonttype": 42,
 }
 SEED_MARKERS = ("o", "s", "^", "D", "v", "P")
+MIN_TOKENS_SHOWN = 10
+"""Per-position std points from fewer tokens are not drawn (too noisy); the fits use every position."""
 LEGEND_HEADROOM = 1.35
 """Top of a linear y axis as a multiple of the data's, leaving room for an upper-left legend."""
 WINDOW_STYLE = {"fixed": "-", "sqrt": "--"}
@@ -152,7 +154,10 @@ def std_growth_figure(panels: Sequence[tuple[str, Sequence[StdSeries]]], scale: 
         fig.legend(
             handles=_style_handles(
                 [
-                    ("per-position std of K_t", {"marker": "o", "linestyle": "none", "markersize": 4}),
+                    (
+                        f"per-position std of K_t (positions with ≥ {MIN_TOKENS_SHOWN} tokens)",
+                        {"marker": "o", "linestyle": "none", "markersize": 4},
+                    ),
                     ("fit σ√t (weights n_t/t)", {"linestyle": "-"}),
                     ("free fit a·t^b (log-log, weights n_t)", {"linestyle": "--"}),
                 ]
@@ -167,9 +172,10 @@ def std_growth_figure(panels: Sequence[tuple[str, Sequence[StdSeries]]], scale: 
 def _draw_std(ax: Axes, s: StdSeries, palette: Palette) -> None:
     color = palette.color(s.run)
     t = s.std["position"].to_numpy(dtype=float)
+    shown = s.std[s.std["n"] >= MIN_TOKENS_SHOWN]
     ax.plot(
-        t,
-        s.std["std"],
+        shown["position"],
+        shown["std"],
         linestyle="none",
         marker=palette.marker(s.run),
         markersize=2.5,
@@ -304,9 +310,11 @@ def curves_figure(methods: Sequence[MethodCurves], smooth_window: int = 1) -> Fi
         legend_ax.axis("off")
         handles = [Line2D([], [], color=colors[m.method], label=_method_label(m)) for m in methods]
         legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=10, title="method")
-        note = "band: min–max over seeds" + (
-            f"; dense curves: rolling mean of {smooth_window} steps" if smooth_window > 1 else ""
+        notes = ["band: min–max over seeds"] if any(m.seeds > 1 for m in methods) else []
+        notes += (
+            [f"rolling mean of {smooth_window} logged steps (not validation)"] if smooth_window > 1 else []
         )
+        note = "; ".join(notes)
         legend_ax.text(0.5, 0.08, note, ha="center", transform=legend_ax.transAxes, fontsize=8, color="0.35")
         fig.suptitle("Training dynamics")
     return fig

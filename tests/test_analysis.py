@@ -561,3 +561,33 @@ def test_local_run_found_through_mlflow_reads_its_directory(
         mlflow_run_id=record.info.run_id,
     )
     assert json.loads((synthetic.run_dir / "run.json").read_text())["method"] == "ctpo"
+
+
+def test_verl_run_directory_reads_metrics_jsonl_else_mlflow(
+    mlflow_store: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    uri, _ = mlflow_store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    record = MlflowClient(uri).search_runs(
+        [e.experiment_id for e in MlflowClient(uri).search_experiments()],
+        filter_string="attributes.run_name = 'verl-ctpo-14b'",
+    )[0]
+    run_dir = tmp_path / "runs" / "ctpo-Qwen3-14B-s0"
+    rundir.write_run_info(
+        run_dir, {"method": "ctpo", "backend": "verl", "seed": 0, "mlflow_run_id": record.info.run_id}
+    )
+    (run,) = resolve_runs([str(run_dir)])
+    # during training: no metrics.jsonl yet, verl's metrics come from MLflow (`@` logged as `_at_`)
+    val = curve_series(load_metrics(run), CURVES[1])
+    assert val is not None and val.to_dict() == pytest.approx({s: 0.15 * s for s in range(1, 6)})
+    # after training the launcher copies verl's file log (original names, `@`) into metrics.jsonl
+    for step in (1, 2):
+        rundir.append_metrics(
+            run_dir, step, {"critic/rewards/mean": 0.3 * step, "val-core/aime25/reward/mean@32": 0.1}
+        )
+    metrics = load_metrics(run)
+    reward, val = curve_series(metrics, CURVES[0]), curve_series(metrics, CURVES[1])
+    assert reward is not None and reward.to_dict() == pytest.approx({1: 0.3, 2: 0.6})
+    assert val is not None and val.to_dict() == pytest.approx({1: 0.1, 2: 0.1})
