@@ -23,9 +23,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-import torch
+
+if (
+    TYPE_CHECKING
+):  # torch is imported where tensors are handled, so that readers (analysis/) skip its ~2 s import
+    import torch
 
 STAT_COLUMNS = (
     "n",
@@ -78,6 +83,8 @@ class PositionStats:
         own_high: torch.Tensor,
     ) -> None:
         """Add one micro-batch; all arguments are (B, L), ``position`` counts model tokens from 1."""
+        import torch
+
         k = cum_log_ratio.detach().double()
         d = log_ratio.detach().double()
         t = position.detach().double().clamp(min=1.0)
@@ -105,6 +112,8 @@ class PositionStats:
 
     def _buffer(self, length: int, device: torch.device) -> torch.Tensor:
         """The (2, L, S) buffer, grown (never shrunk) to at least ``length`` positions."""
+        import torch
+
         if self._buf is None:
             self._buf = torch.zeros(2, length, len(STAT_COLUMNS), dtype=torch.float64, device=device)
         elif self._buf.shape[1] < length:
