@@ -20,8 +20,8 @@ process (driver and Ray workers), so this module runs wherever a verl actor comp
   a file every ``ctpo_minibatches_per_step`` optimizer steps, i.e. once per training step.
 
 verl logs a plugin that fails to import at DEBUG level only; this module instead prints the error
-to stderr with its traceback before re-raising, and :func:`check_registered` lets the launcher fail
-early in the driver.
+to stderr with its traceback before re-raising (and the launcher's config validation fails early in
+the driver when the chosen loss mode is not registered).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ PREFIX = "ctpo/"
 try:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
+    from verl.trainer.ppo.core_algos import register_policy_loss
     from verl.workers.config.actor import PolicyLossConfig
 
     from ctpo_cli import diagnostics
@@ -148,10 +148,3 @@ def registered_names() -> list[str]:
 
 for _name in METHODS:
     register_policy_loss(PREFIX + _name)(_verl_loss(_name))
-
-
-def check_registered() -> None:
-    """Raise RuntimeError unless every ctpo/* loss is in verl's registry of this process."""
-    missing = [name for name in registered_names() if name not in POLICY_LOSS_REGISTRY]
-    if missing:
-        raise RuntimeError(f"verl does not know the losses {missing}; is the ctpo package installed?")
