@@ -255,21 +255,31 @@ def _welch_quantile(x: pd.Series, y: pd.Series) -> float:
     return float(t.ppf(0.975, dof))
 
 
+def paired_deltas(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, tuple[float, float, int]]:
+    """Per benchmark, over the P >= 2 problems both per-problem tables hold: Δ = mean_i (p_i - q_i)
+    of the pass rates, its standard error sd(p_i - q_i) / sqrt(P), and P."""
+    both = a.merge(b, on=["benchmark", "problem_id"], suffixes=("_a", "_b"))
+    out: dict[str, tuple[float, float, int]] = {}
+    for benchmark, rows in both.groupby("benchmark", sort=False):
+        diff = (rows["pass_rate_a"] - rows["pass_rate_b"]).to_numpy(dtype=float)
+        if len(diff) >= 2:
+            out[str(benchmark)] = (
+                float(diff.mean()),
+                float(diff.std(ddof=1) / math.sqrt(len(diff))),
+                len(diff),
+            )
+    return out
+
+
 def _paired(a: Group, b: Group) -> dict[str, tuple[float, float, str]] | None:
     """Per benchmark (and ``average`` over several): paired Δ over problems and its 95% half-width,
     when both groups are one seed with per-problem files."""
     if len(a.evals) != 1 or len(b.evals) != 1 or a.evals[0].problems is None or b.evals[0].problems is None:
         return None
-    keys = ["benchmark", "problem_id"]
-    both = a.evals[0].problems.merge(b.evals[0].problems, on=keys, suffixes=("_a", "_b"))
     out: dict[str, tuple[float, float, str]] = {}
     errors = []
-    for benchmark, rows in both.groupby("benchmark", sort=False):
-        diff = (rows["pass_rate_a"] - rows["pass_rate_b"]).to_numpy(dtype=float)
-        if len(diff) < 2:
-            continue
-        stderr = float(diff.std(ddof=1) / math.sqrt(len(diff)))
-        out[str(benchmark)] = (float(diff.mean()), Z95 * stderr, f"paired, {len(diff)} problems")
+    for benchmark, (delta, stderr, count) in paired_deltas(a.evals[0].problems, b.evals[0].problems).items():
+        out[benchmark] = (delta, Z95 * stderr, f"paired, {count} problems")
         errors.append(stderr)
     if len(out) > 1:
         mean = float(np.mean([d for d, _, _ in out.values()]))

@@ -18,11 +18,13 @@ from rich.table import Table
 from ctpo_cli import rundir
 from ctpo_cli.local.config import build_config
 from ctpo_cli.local.task import DATA_SOURCE, write_eval_set
-from ctpo_cli.local.train import train_local
+from ctpo_cli.local.train import starting_checkpoint, train_local
 from ctpo_cli.losses import METHODS
 
 QUICKSTART_EVAL = Path("eval") / "quickstart"
 """Where the held-out eval goes inside each run, beside what a later `ctpo eval` writes to eval/."""
+START_EVAL = "start-policy-eval"
+"""The starting (warm-started) policy's held-out eval, under ``runs/quickstart/``: the baseline."""
 
 
 def quickstart(
@@ -59,9 +61,11 @@ def quickstart(
 
     console.rule("[bold]held-out evaluation (ctpo eval)")
     benchmark = write_eval_set(runs_dir / "quickstart" / f"{DATA_SOURCE}.parquet", config.task, seed)
-    for run in runs.values():
+    start_eval = runs_dir / "quickstart" / START_EVAL
+
+    def evaluate(model: Path, out: Path) -> None:
         settings = EvalSettings(
-            model=str(run / rundir.CHECKPOINT_DIR),
+            model=str(model),
             benchmarks=(str(benchmark),),
             n=samples,
             temperature=config.rl.temperature,
@@ -69,10 +73,14 @@ def quickstart(
             tools=False,
             prompt_as_is=True,  # the prompts the policy was trained on, no system prompt
             backend="hf",
-            out=run / QUICKSTART_EVAL,
+            out=out,
             seed=seed,
         )
         run_eval(settings, console)
+
+    evaluate(starting_checkpoint(config, None, seed, runs_dir), start_eval)
+    for run in runs.values():
+        evaluate(run / rundir.CHECKPOINT_DIR, run / QUICKSTART_EVAL)
 
     console.rule("[bold]figures and report")
     options = commands.Options(out=Path(figures_dir), console=console)
@@ -80,35 +88,51 @@ def quickstart(
     commands.std_growth(run_args, [], False, "linear", options)
     commands.clip_rate(run_args, [], False, 12, options)
     commands.curves(run_args, 3, options)
-    commands.run_report(run_args, options)
+    commands.run_report([str(start_eval), *run_args], options)
 
-    table = comparison(runs)
+    table = comparison(runs, start_eval)
     show(table, console, samples, time.perf_counter() - began)
     table.to_csv(Path(figures_dir) / "quickstart_comparison.csv", index=False)
     return table
 
 
-def comparison(runs: dict[str, Path]) -> pd.DataFrame:
-    """One row per method: reward and avg@k before and after RL, clipping, drift and throughput."""
-    rows = []
+def comparison(runs: dict[str, Path], start_eval: Path) -> pd.DataFrame:
+    """One row per method: held-out avg@k after RL and its gain over the starting policy (paired
+    over problems, 95% interval), training reward, clipping, drift and throughput.
+
+    The first row, ``start``, is the warm-started policy every method began from.
+    """
+    from analysis.report import Z95, paired_deltas
+
+    start_summary = pd.read_csv(start_eval / "summary.csv").iloc[-1]
+    start_problems = pd.read_csv(start_eval / "per_problem.csv")
+    rows: list[dict[str, object]] = [
+        {
+            "method": "start",
+            "heldout_avg_at_k": float(start_summary["avg_at_k"]),
+            "heldout_ci95_low": float(start_summary["ci95_low"]),
+            "heldout_ci95_high": float(start_summary["ci95_high"]),
+            "run": str(start_eval),
+        }
+    ]
     for method, run in runs.items():
         metrics = rundir.read_metrics(run)
         train = metrics[metrics["step"] > 0]
-        val = metrics.dropna(subset=["val/avg_at_k"]) if "val/avg_at_k" in metrics else metrics.iloc[:0]
-        summary = pd.read_csv(run / QUICKSTART_EVAL / "summary.csv").iloc[
-            -1
-        ]  # the only benchmark (or the average)
+        summary = pd.read_csv(run / QUICKSTART_EVAL / "summary.csv").iloc[-1]  # the only benchmark
+        problems = pd.read_csv(run / QUICKSTART_EVAL / "per_problem.csv")
+        ((gain, stderr, _),) = paired_deltas(problems, start_problems).values()
         head, tail = train.head(5), train.tail(5)
         rows.append(
             {
                 "method": method,
-                "val_start": float(val["val/avg_at_k"].iloc[0]),
-                "val_end": float(val["val/avg_at_k"].iloc[-1]),
-                "reward_first5": float(head["reward/mean"].mean()),
-                "reward_last5": float(tail["reward/mean"].mean()),
                 "heldout_avg_at_k": float(summary["avg_at_k"]),
                 "heldout_ci95_low": float(summary["ci95_low"]),
                 "heldout_ci95_high": float(summary["ci95_high"]),
+                "gain": gain,
+                "gain_ci95_low": gain - Z95 * stderr,
+                "gain_ci95_high": gain + Z95 * stderr,
+                "reward_first5": float(head["reward/mean"].mean()),
+                "reward_last5": float(tail["reward/mean"].mean()),
                 "clipfrac": float(train["actor/pg_clipfrac"].mean()),
                 "ppo_kl": float(train["actor/ppo_kl"].mean()),
                 "tokens_per_s": float(train["perf/tokens_per_s"].mean()),
@@ -119,24 +143,29 @@ def comparison(runs: dict[str, Path]) -> pd.DataFrame:
 
 
 def show(table: pd.DataFrame, console: Console, samples: int, seconds: float) -> None:
-    """The comparison as a Rich table."""
+    """The comparison as a Rich table (``start`` first: the policy every method began from)."""
     out = Table(title=f"ctpo quickstart: {seconds / 60:.1f} min")
     for column in (
         "method",
-        "val avg@k start → end",
-        "train reward first 5 → last 5",
         f"held-out avg@{samples} (95% CI)",
+        "gain over start (paired 95% CI)",
+        "train reward, first 5 → last 5 steps",
         "clip frac",
         "ppo KL",
         "tokens/s",
     ):
         out.add_column(column, justify="left" if column == "method" else "right")
     for row in table.itertuples(index=False):
+        heldout = f"{row.heldout_avg_at_k:.1%} ({row.heldout_ci95_low:.1%}, {row.heldout_ci95_high:.1%})"
+        gain = f"{row.gain:+.1%} ({100 * row.gain_ci95_low:+.1f}, {100 * row.gain_ci95_high:+.1f})"
+        if row.method == "start":
+            out.add_row("start (warm start)", heldout, *[""] * 5)
+            continue
         out.add_row(
             row.method,
-            f"{row.val_start:.1%} → {row.val_end:.1%}",
+            heldout,
+            gain,
             f"{row.reward_first5:.1%} → {row.reward_last5:.1%}",
-            f"{row.heldout_avg_at_k:.1%} ({row.heldout_ci95_low:.1%}, {row.heldout_ci95_high:.1%})",
             f"{row.clipfrac:.3f}",
             f"{row.ppo_kl:.2e}",
             f"{row.tokens_per_s:,.0f}",

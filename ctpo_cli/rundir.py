@@ -33,6 +33,20 @@ def run_name(method: str, model: str, seed: int) -> str:
     return f"{method}-{short}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def claim_run_dir(runs_dir: Path, name: str) -> Path:
+    """Create ``runs_dir/name`` and return it; ``name-2``, ``name-3``, ... when that is taken (two runs
+    started in the same second must not share a directory)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path, suffix = runs_dir / name, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            suffix += 1
+            path = runs_dir / f"{name}-{suffix}"
+
+
 def write_run_info(run_dir: Path, info: Mapping[str, Any]) -> None:
     """Atomically (re)write ``run.json``."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,9 @@ from mlflow.tracking import MlflowClient
 from ctpo_cli import rundir
 from ctpo_cli.diagnostics import POSITIONS_DIR, STAT_COLUMNS
 from ctpo_cli.local.config import build_config
+from ctpo_cli.local.task import Problem
 from ctpo_cli.local.train import train_local
+from ctpo_cli.scoring import is_correct
 
 SMOKE = ["rl.steps=2", "warmstart.steps=4"]
 
@@ -158,6 +160,7 @@ def test_ctrl_c_leaves_checkpoint_and_killed_run_then_resume(workdir: Path) -> N
         (["--method", "ctpo", "optim.lr=3"], "unknown override key 'optim.lr'"),
         (["--method", "ctpo", "loss.ctpo_clip_low=-1"], "ctpo_clip_low must be a finite number >= 0"),
         (["--method", "ctpo", "--resume"], "no interrupted local run of 'ctpo'"),
+        (["--method", "ctpo", "warmstart.careless_frac=1.5"], "careless_frac must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_input_is_one_line(workdir: Path, args: list[str], message: str) -> None:
@@ -165,3 +168,18 @@ def test_bad_input_is_one_line(workdir: Path, args: list[str], message: str) -> 
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_careless_demonstration_counts_right_but_boxes_the_target() -> None:
+    problem = Problem(start=4, step=3, count=13)  # 4, 7, ..., 40
+    careful, careless = problem.solution(), problem.solution(careless=True)
+    assert careful.splitlines()[:-1] == careless.splitlines()[:-1]
+    assert careful.splitlines()[-2:] == ["13:40", "So \\boxed{13}"]
+    assert careless.splitlines()[-1] == "So \\boxed{40}"
+    assert is_correct(careful, "13") and not is_correct(careless, "13")
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
+    name = rundir.run_name("ctpo", "tiny-qwen3", 0)
+    first, second = rundir.claim_run_dir(tmp_path, name), rundir.claim_run_dir(tmp_path, name)
+    assert first.is_dir() and second.is_dir() and second.name == f"{first.name}-2"

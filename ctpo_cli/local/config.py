@@ -34,9 +34,16 @@ class TaskConfig:
 
 @dataclass
 class WarmStartConfig:
-    """Supervised warm start on correct worked solutions (shared by all methods of a preset and seed)."""
+    """Supervised warm start on worked solutions (shared by all methods of a preset and seed).
+
+    ``careless_frac`` of the demonstrations come from a careless solver who counts correctly but
+    boxes the last value instead of how many values there are. The warm-started policy imitates
+    both, so it starts with a real but fixable weakness: only the reward says which answer is
+    right, which is what RL post-training is for (SFT on mixed-quality data, then RL).
+    """
 
     steps: int = 800
+    careless_frac: float = 0.5
     batch_size: int = 32
     lr: float = 1e-2
 
@@ -48,7 +55,7 @@ class RLConfig:
     Later mini-batches of a batch are off-policy (pi_theta != mu), which is where the IS ratio matters.
     """
 
-    steps: int = 40
+    steps: int = 30
     prompts_per_step: int = 16
     samples_per_prompt: int = 8
     minibatches: int = 4
@@ -117,6 +124,8 @@ def build_config(preset: str = "tiny", overrides: list[str] | None = None) -> Lo
             raise ValueError(f"bad override {item!r} ({type(error).__name__}); valid keys: {valid}") from None
     config = OmegaConf.to_object(merged)
     assert isinstance(config, LocalConfig)
+    if not 0.0 <= config.warmstart.careless_frac <= 1.0:
+        raise ValueError(f"warmstart.careless_frac must be in [0, 1], got {config.warmstart.careless_frac}")
     if config.rl.prompts_per_step * config.rl.samples_per_prompt % config.rl.minibatches:
         raise ValueError("rl.prompts_per_step * rl.samples_per_prompt must be divisible by rl.minibatches")
     return config

@@ -48,10 +48,15 @@ class Problem:
     def answer(self) -> int:
         return self.count
 
-    def solution(self) -> str:
-        """The worked solution: every numbered value, then the boxed count."""
+    def solution(self, careless: bool = False) -> str:
+        """The worked solution: every numbered value, then the boxed count.
+
+        A careless solution counts the same way but boxes the last value (the target) instead of
+        how many values there are: the misreading RL has to unlearn (see ``WarmStartConfig``).
+        """
         lines = [f"{i + 1}:{self.start + i * self.step}" for i in range(self.count)]
-        return "\n".join([*lines, f"So \\boxed{{{self.count}}}"])
+        boxed = self.target if careless else self.count
+        return "\n".join([*lines, f"So \\boxed{{{boxed}}}"])
 
     def messages(self) -> list[dict[str, str]]:
         """The chat prompt (verl's ``prompt`` column)."""

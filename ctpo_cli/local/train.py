@@ -174,7 +174,8 @@ def supervised_warmstart(
     device: str,
     console: Console,
 ) -> None:
-    """Teacher-forced cross-entropy on worked solutions (response tokens only)."""
+    """Teacher-forced cross-entropy on worked solutions (response tokens only), a
+    ``warmstart.careless_frac`` share of them careless (see ``WarmStartConfig``)."""
     rng = np.random.default_rng([seed, 0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmstart.lr)
     steps = config.warmstart.steps
@@ -188,9 +189,10 @@ def supervised_warmstart(
         for _ in range(config.warmstart.steps):
             problems = sample_problems(config.task, config.warmstart.batch_size, rng)
             prompts = [chat_prompt(tokenizer, p) for p in problems]
+            careless = rng.random(len(problems)) < config.warmstart.careless_frac
             full = [
-                prompt + p.solution() + tokenizer.eos_token
-                for prompt, p in zip(prompts, problems, strict=True)
+                prompt + p.solution(bool(c)) + tokenizer.eos_token
+                for prompt, p, c in zip(prompts, problems, careless, strict=True)
             ]
             batch = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -204,12 +206,16 @@ def supervised_warmstart(
             progress.update(task, advance=1, metric=f"loss {loss.item():.3f}")
 
 
+def starting_checkpoint(config: LocalConfig, model_path: str | None, seed: int, runs_dir: Path) -> Path:
+    """Where the starting policy of (config, model, seed) is cached: ``runs/.warmstart/<key>``."""
+    return Path(runs_dir) / WARMSTART_DIR / warmstart_key(config, seed, model_path or TINY)
+
+
 def initial_policy(
     config: LocalConfig, model_path: str | None, seed: int, runs_dir: Path, device: str, console: Console
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The starting policy: the warm-started model, trained once per (config, seed) and cached."""
-    source = model_path or TINY
-    cache = runs_dir / WARMSTART_DIR / warmstart_key(config, seed, source)
+    cache = starting_checkpoint(config, model_path, seed, runs_dir)
     if (cache / "config.json").is_file():
         return load_policy(cache, device)
     if model_path:
@@ -369,7 +375,7 @@ def train_local(
         seed, model = info["seed"], info["model_path"]
     else:
         config = build_config(preset, overrides)
-        run_dir = runs_dir / rundir.run_name(method, model or TINY, seed)
+        run_dir = rundir.claim_run_dir(runs_dir, rundir.run_name(method, model or TINY, seed))
         info = {
             "method": method,
             "backend": "local",
