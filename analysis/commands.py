@@ -93,11 +93,6 @@ def _csv(frame: pd.DataFrame, path: Path) -> Path:
 # per-position figures
 
 
-def _positions(runs: Sequence[Run], include_onpolicy: bool) -> dict[str, pd.DataFrame]:
-    """Per run name: the selected plane of its per-position statistics."""
-    return {run.name: positions.select_plane(load_positions(run), include_onpolicy) for run in runs}
-
-
 def _panels(
     runs: Sequence[Run], rows: dict[str, pd.DataFrame], requested: Sequence[int]
 ) -> list[tuple[str, list[tuple[Run, int]]]]:
@@ -128,14 +123,19 @@ def _panels(
     return panels
 
 
-def _per_panel(
-    panels: Sequence[tuple[str, Sequence[tuple[Run, int]]]],
-    rows: dict[str, pd.DataFrame],
+def _position_panels(
+    runs: Sequence[Run],
+    steps: Sequence[int],
+    include_onpolicy: bool,
     build: Callable[[Run, int, pd.DataFrame], T],
 ) -> list[tuple[str, list[T]]]:
+    """The panels of a per-position figure: each run's per-position statistics (the off-policy
+    plane unless ``include_onpolicy``), laid out by :func:`_panels`, one ``build(run, step, rows of
+    that step)`` per member."""
+    rows = {run.name: positions.select_plane(load_positions(run), include_onpolicy) for run in runs}
     return [
         (title, [build(run, step, positions.step_rows(rows[run.name], step)) for run, step in members])
-        for title, members in panels
+        for title, members in _panels(runs, rows, steps)
     ]
 
 
@@ -143,14 +143,13 @@ def std_growth(
     run_args: Sequence[str], steps: Sequence[int], include_onpolicy: bool, scale: str, options: Options
 ) -> list[Path]:
     """``ctpo plot std-growth``: std of K_t against t with the sigma sqrt(t) and free power fits."""
-    runs = _runs(run_args, options)
-    rows = _positions(runs, include_onpolicy)
 
     def build(run: Run, step: int, step_rows: pd.DataFrame) -> StdSeries:
         std = positions.std_by_position(step_rows)
         return StdSeries(run, step, std, positions.fit_growth(std))
 
-    panels = _per_panel(_panels(runs, rows, steps), rows, build)
+    runs = _runs(run_args, options)
+    panels = _position_panels(runs, steps, include_onpolicy, build)
     fits = pd.DataFrame(
         [
             {"panel": title, "run": s.run.name, "method": s.run.method, "step": s.step, **vars(s.fit)}
@@ -174,13 +173,12 @@ def clip_rate(
     run_args: Sequence[str], steps: Sequence[int], include_onpolicy: bool, bins: int, options: Options
 ) -> list[Path]:
     """``ctpo plot clip-rate``: clip rate by position, fixed vs sqrt(t) window, and its uniformity."""
-    runs = _runs(run_args, options)
-    rows = _positions(runs, include_onpolicy)
 
     def build(run: Run, step: int, step_rows: pd.DataFrame) -> ClipSeries:
         return ClipSeries(run, step, positions.clip_rates(step_rows, bins), positions.uniformity(step_rows))
 
-    panels = _per_panel(_panels(runs, rows, steps), rows, build)
+    runs = _runs(run_args, options)
+    panels = _position_panels(runs, steps, include_onpolicy, build)
     series = {(s.run.name, s.step): s for _, members in panels for s in members}.values()
     table = pd.concat(
         [s.uniformity.rename_axis("window").reset_index().assign(run=s.run.name, step=s.step) for s in series]

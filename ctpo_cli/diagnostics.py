@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-if (
-    TYPE_CHECKING
-):  # torch is imported where tensors are handled, so that readers (analysis/) skip its ~2 s import
+# torch is imported where tensors are handled, so that readers (analysis/) skip its ~2 s import
+if TYPE_CHECKING:
     import torch
 
 STAT_COLUMNS = (

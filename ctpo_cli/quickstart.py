@@ -23,6 +23,8 @@ from ctpo_cli.losses import METHODS
 
 QUICKSTART_EVAL = Path("eval") / "quickstart"
 """Where the held-out eval goes inside each run, beside what a later `ctpo eval` writes to eval/."""
+QUICKSTART_DIR = "quickstart"
+"""Under the runs directory: the held-out problems and the starting policy's eval."""
 START_EVAL = "start-policy-eval"
 """The starting (warm-started) policy's held-out eval, under ``runs/quickstart/``: the baseline."""
 
@@ -60,8 +62,8 @@ def quickstart(
         )
 
     console.rule("[bold]held-out evaluation (ctpo eval)")
-    benchmark = write_eval_set(runs_dir / "quickstart" / f"{DATA_SOURCE}.parquet", config.task, seed)
-    start_eval = runs_dir / "quickstart" / START_EVAL
+    benchmark = write_eval_set(runs_dir / QUICKSTART_DIR / f"{DATA_SOURCE}.parquet", config.task, seed)
+    start_eval = runs_dir / QUICKSTART_DIR / START_EVAL
 
     def evaluate(model: Path, out: Path) -> None:
         settings = EvalSettings(
@@ -102,32 +104,22 @@ def comparison(runs: dict[str, Path], start_eval: Path) -> pd.DataFrame:
 
     The first row, ``start``, is the warm-started policy every method began from.
     """
-    from analysis.report import Z95, paired_deltas
+    from analysis.report import Z95, paired_deltas, read_eval
 
-    start_summary = pd.read_csv(start_eval / "summary.csv").iloc[-1]
-    start_problems = pd.read_csv(start_eval / "per_problem.csv")
-    rows: list[dict[str, object]] = [
-        {
-            "method": "start",
-            "heldout_avg_at_k": float(start_summary["avg_at_k"]),
-            "heldout_ci95_low": float(start_summary["ci95_low"]),
-            "heldout_ci95_high": float(start_summary["ci95_high"]),
-            "run": str(start_eval),
-        }
-    ]
+    start = read_eval(start_eval)
+    assert start.problems is not None  # ctpo eval writes per_problem.csv
+    rows: list[dict[str, object]] = [{"method": "start", **_heldout(start.summary), "run": str(start_eval)}]
     for method, run in runs.items():
         metrics = rundir.read_metrics(run)
         train = metrics[metrics["step"] > 0]
-        summary = pd.read_csv(run / QUICKSTART_EVAL / "summary.csv").iloc[-1]  # the only benchmark
-        problems = pd.read_csv(run / QUICKSTART_EVAL / "per_problem.csv")
-        ((gain, stderr, _),) = paired_deltas(problems, start_problems).values()
+        result = read_eval(run / QUICKSTART_EVAL)
+        assert result.problems is not None
+        ((gain, stderr, _),) = paired_deltas(result.problems, start.problems).values()
         head, tail = train.head(5), train.tail(5)
         rows.append(
             {
                 "method": method,
-                "heldout_avg_at_k": float(summary["avg_at_k"]),
-                "heldout_ci95_low": float(summary["ci95_low"]),
-                "heldout_ci95_high": float(summary["ci95_high"]),
+                **_heldout(result.summary),
                 "gain": gain,
                 "gain_ci95_low": gain - Z95 * stderr,
                 "gain_ci95_high": gain + Z95 * stderr,
@@ -140,6 +132,16 @@ def comparison(runs: dict[str, Path], start_eval: Path) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _heldout(summary: pd.DataFrame) -> dict[str, float]:
+    """avg@k and its 95% interval from an eval summary (its only benchmark: the held-out set)."""
+    row = summary.iloc[-1]
+    return {
+        "heldout_avg_at_k": float(row["avg_at_k"]),
+        "heldout_ci95_low": float(row["ci95_low"]),
+        "heldout_ci95_high": float(row["ci95_high"]),
+    }
 
 
 def show(table: pd.DataFrame, console: Console, samples: int, seconds: float) -> None:
