@@ -1,6 +1,6 @@
 """Per-position statistics of the cumulative log ratio K_t: std growth, clip rates, uniformity.
 
-Input is the frame of :func:`ctpo_cli.diagnostics.read_positions` (one row per step, plane and
+Input is the frame of :func:`ctpo_cli.algo.diagnostics.read_positions` (one row per step, plane and
 position t with sums over tokens). Everything here is a closed-form reduction of those sums.
 
 * std of K_t at t:  s_t = sqrt((sum K^2 - (sum K)^2 / n_t) / (n_t - 1))   (unbiased; n_t >= 2)
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ctpo_cli.diagnostics import FIXED_WINDOW, SQRT_WINDOW, STAT_COLUMNS
+from ctpo_cli.algo.diagnostics import FIXED_WINDOW, SQRT_WINDOW, STAT_COLUMNS
 
 WINDOWS: dict[str, tuple[str, str]] = {
     "fixed": ("fixed_low", "fixed_high"),

@@ -12,7 +12,6 @@ directory is read from that directory.
 
 from __future__ import annotations
 
-import logging
 import re
 import tempfile
 from collections.abc import Sequence
@@ -23,8 +22,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from analysis.style import METHOD_COLORS
-from ctpo_cli.diagnostics import POSITIONS_DIR, read_positions
-from ctpo_cli.rundir import (
+from ctpo_cli.algo.diagnostics import POSITIONS_DIR, read_positions
+from ctpo_cli.runs import tracking
+from ctpo_cli.runs.rundir import (
     METRICS_FILE,
     RUN_FILE,
     RUNS_DIR,
@@ -32,7 +32,7 @@ from ctpo_cli.rundir import (
     read_metrics,
     read_run_info,
 )
-from ctpo_cli.tracking import tracking_uri
+from ctpo_cli.runs.tracking import tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -143,19 +143,6 @@ def mlflow_method(run: MlflowRun) -> str | None:
     return loss_mode.removeprefix("ctpo/") if loss_mode.startswith("ctpo/") else None
 
 
-def mlflow_client() -> MlflowClient | None:
-    """A client of the tracking store, or None when the default SQLite store does not exist
-    (so that reading never creates an empty ``mlflow.db``)."""
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        return None
-    from mlflow import MlflowClient
-
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    return MlflowClient(uri)
-
-
 def _experiment_ids(client: MlflowClient) -> list[str]:
     return [e.experiment_id for e in client.search_experiments()]
 
@@ -164,7 +151,7 @@ def find_mlflow_run(key: str) -> MlflowRun | None:
     """The MLflow run with this id, else the newest run with this name, else None."""
     from mlflow.exceptions import MlflowException
 
-    client = mlflow_client()
+    client = tracking.existing_client()
     if client is None:
         return None
     if re.fullmatch(r"[0-9a-f]{32}", key):
@@ -186,7 +173,7 @@ def find_mlflow_run(key: str) -> MlflowRun | None:
 def latest_runs(base: Path = RUNS_DIR) -> list[Run]:
     """Latest run of each method under ``base``, plus MLflow's latest of methods not found there."""
     runs = {method: run_from_dir(path) for method, path in latest_run_per_method(base).items()}
-    client = mlflow_client()
+    client = tracking.existing_client()
     if client is not None:
         for record in client.search_runs(_experiment_ids(client), order_by=["attributes.start_time DESC"]):
             method = mlflow_method(record)
@@ -206,7 +193,7 @@ def load_metrics(run: Run, keys: Sequence[re.Pattern[str]] = ()) -> pd.DataFrame
     """
     if run.run_dir is not None and (run.run_dir / METRICS_FILE).is_file():
         return read_metrics(run.run_dir)
-    client = mlflow_client() if run.mlflow_run_id else None
+    client = tracking.existing_client() if run.mlflow_run_id else None
     if client is None or run.mlflow_run_id is None:
         raise FileNotFoundError(f"run {run.label}: no {METRICS_FILE} in {run.source} and no MLflow run")
     names = [
@@ -227,11 +214,11 @@ def load_metrics(run: Run, keys: Sequence[re.Pattern[str]] = ()) -> pd.DataFrame
 
 
 def load_positions(run: Run) -> pd.DataFrame:
-    """The run's per-position statistics (:func:`ctpo_cli.diagnostics.read_positions`), from its
+    """The run's per-position statistics (:func:`ctpo_cli.algo.diagnostics.read_positions`), from its
     directory or from ``positions/`` artifacts of its MLflow run."""
     if run.run_dir is not None and any((run.run_dir / POSITIONS_DIR).glob("step_*.parquet")):
         return read_positions(run.run_dir)
-    client = mlflow_client() if run.mlflow_run_id else None
+    client = tracking.existing_client() if run.mlflow_run_id else None
     if client is not None and run.mlflow_run_id and client.list_artifacts(run.mlflow_run_id, POSITIONS_DIR):
         with tempfile.TemporaryDirectory() as tmp:
             client.download_artifacts(run.mlflow_run_id, POSITIONS_DIR, tmp)
@@ -243,15 +230,14 @@ def load_positions(run: Run) -> pd.DataFrame:
 
 def log_artifacts(runs: Sequence[Run], paths: Sequence[Path], artifact_path: str) -> list[str]:
     """Log ``paths`` to every run's MLflow record under ``artifact_path``; one message per run."""
-    client = mlflow_client()
+    client = tracking.existing_client()
     messages = []
     for run_id, run in {r.mlflow_run_id: r for r in runs if r.mlflow_run_id}.items():
         if client is None:
             messages.append(f"{run.label}: not logged to MLflow (no store at {tracking_uri()})")
             continue
         try:
-            for path in paths:
-                client.log_artifact(run_id, str(path), artifact_path)
+            tracking.log_artifacts(run_id, paths, artifact_path)
         except Exception as error:  # MLflow raises many types (store, REST, OS errors)
             messages.append(f"{run.label}: not logged to MLflow run {run_id}: {_first_line(error)}")
         else:

@@ -10,6 +10,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from dataset import DATA_DIR
+
 app = typer.Typer(
     name="ctpo",
     help="Which importance-sampling ratio should a policy-gradient trainer use? GRPO vs GSPO vs CTPO.",
@@ -37,9 +39,9 @@ def methods() -> None:
     """Table of every method: its IS ratio, clip rule, default hyperparameters and paper."""
     from rich.table import Table
 
-    from ctpo_cli.losses import METHODS
+    from ctpo_cli.algo.losses import METHODS
 
-    table = Table(title="IS-ratio methods (ctpo_cli.losses)")
+    table = Table(title="IS-ratio methods (ctpo_cli.algo.losses)")
     for column in ("method", "ratio", "clip rule", "defaults", "paper"):
         table.add_column(column, overflow="fold")
     for m in METHODS.values():
@@ -81,7 +83,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="local: continue the latest interrupted run."),
 ) -> None:
     """Train one method: a verl job built from experiments/ (default) or the local backend."""
-    from ctpo_cli.losses import get_method
+    from ctpo_cli.algo.losses import get_method
 
     get_method(method)
     if backend not in BACKENDS:
@@ -89,7 +91,7 @@ def train(
     if backend == "local":
         if experiment or dry_run:
             raise UserError("--experiment and --dry-run apply to --backend verl only")
-        from ctpo_cli.local.train import train_local
+        from ctpo_cli.train.local.train import train_local
 
         train_local(
             method=method,
@@ -103,7 +105,7 @@ def train(
             console=console,
         )
         return
-    from ctpo_cli.launcher import TrainingFailed, train_verl
+    from ctpo_cli.train.launcher import TrainingFailed, train_verl
 
     try:
         run_dir = train_verl(method, model, seed, experiment, overrides or [], out, dry_run, sandbox_url)
@@ -144,7 +146,7 @@ def bench_loss(
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Time forward+backward of every method against verl's built-in `vanilla` loss (same run)."""
-    from ctpo_cli.bench import bench_losses
+    from ctpo_cli.bench.loss import bench_losses
 
     bench_losses(batch=batch, length=length, repeats=repeats, device=device, out=out or None, console=console)
 
@@ -291,7 +293,7 @@ def theory(
     from rich.markup import escape
     from rich.table import Table
 
-    from ctpo_cli import theory as th
+    from ctpo_cli.theory import exact as th
 
     if out and not monte_carlo:
         raise ValueError("--out needs --monte-carlo (the exact mode writes no files)")
@@ -306,7 +308,7 @@ def theory(
         if out:
             import pandas as pd
 
-            from analysis.theory import plot_variance_by_position
+            from ctpo_cli.theory.figure import plot_variance_by_position
 
             Path(out).mkdir(parents=True, exist_ok=True)
             files = [Path(out) / "theory_positions.csv"]
@@ -358,7 +360,10 @@ def eval_command(
     sandbox_url: str = typer.Option(
         "", help="Sandbox service ($CTPO_SANDBOX_URL); default: start one for the eval."
     ),
-    data_dir: str = typer.Option("data", help="Where `ctpo data prepare` wrote the benchmarks."),
+    data_dir: str = typer.Option(
+        str(DATA_DIR),
+        help="Where `ctpo data prepare` wrote the benchmarks (the shipped sets are found without it).",
+    ),
     seed: int = typer.Option(0, help="Base seed of the per-sample seeds."),
     batch_size: int = typer.Option(0, help="Samples generated together (0: the backend's default)."),
     rescore: bool = typer.Option(False, "--rescore", help="Re-score saved generations; no model is loaded."),
@@ -369,8 +374,9 @@ def eval_command(
     """avg@k with tool-integrated reasoning (the paper's Table 2), resumable; summary in <out>/ and MLflow."""
     from pathlib import Path
 
-    from ctpo_cli.benchmarks import PAPER_BENCHMARKS
-    from ctpo_cli.evaluate import EvalSettings, resolve_model, run_eval
+    from ctpo_cli.eval.runner import resolve_model, run_eval
+    from ctpo_cli.eval.settings import EvalSettings
+    from dataset.registry import PAPER_BENCHMARKS
 
     settings = EvalSettings(
         model=resolve_model(model or None, Path(out) if out else None, rescore, console),
@@ -403,7 +409,7 @@ def bench_scoring(
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Answers/s of score_batch (math-verify worker pool) vs math-verify called in-process."""
-    from ctpo_cli.scoring import bench_scoring as run_bench
+    from ctpo_cli.bench.scoring import bench_scoring as run_bench
 
     run_bench(answers=answers, workers=workers, out=out or None, console=console)
 
@@ -420,12 +426,12 @@ def data_prepare(
     from_file: list[str] = typer.Option(
         [], help="NAME=PATH of a local parquet/JSON/JSONL/CSV file (repeatable)."
     ),
-    out: str = typer.Option("data", help="Output directory."),
+    out: str = typer.Option(str(DATA_DIR), help="Output directory."),
 ) -> None:
     """Write DeepScaleR and the benchmarks as verl parquet (<out>/<name>.parquet), from the hub or local files."""
     from rich.table import Table
 
-    from ctpo_cli.data import prepare
+    from dataset.prepare import prepare
 
     names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
     table = Table(title="ctpo data prepare")

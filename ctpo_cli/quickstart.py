@@ -15,11 +15,11 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from ctpo_cli import rundir
-from ctpo_cli.local.config import build_config
-from ctpo_cli.local.task import DATA_SOURCE, write_eval_set
-from ctpo_cli.local.train import starting_checkpoint, train_local
-from ctpo_cli.losses import METHODS
+from ctpo_cli.algo.losses import METHODS
+from ctpo_cli.runs import rundir
+from ctpo_cli.train.local.config import build_config
+from ctpo_cli.train.local.task import DATA_SOURCE, write_eval_set
+from ctpo_cli.train.local.train import starting_checkpoint, train_local
 
 QUICKSTART_EVAL = Path("eval") / "quickstart"
 """Where the held-out eval goes inside each run, beside what a later `ctpo eval` writes to eval/."""
@@ -41,7 +41,8 @@ def quickstart(
 ) -> pd.DataFrame:
     """Train, evaluate, plot and compare ``methods``; returns the comparison table."""
     from analysis import commands
-    from ctpo_cli.evaluate import EvalSettings, run_eval
+    from ctpo_cli.eval.runner import run_eval
+    from ctpo_cli.eval.settings import EvalSettings
 
     console = console or Console()
     for method in methods:

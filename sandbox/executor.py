@@ -3,13 +3,13 @@
 What a program sees (``isolate=True``):
 
 - namespaces: its own PID, network (nothing but its own loopback), IPC, UTS and cgroup namespaces, and a
-  user namespace: bwrap's, or when the service runs as root the launcher's, made after dropping root;
+  user namespace: bwrap's, or when the service runs as root the child's (child.py), made after dropping root;
 - files: /usr and the interpreter's installation (prefix and site-packages) read-only, a fresh /proc and
   minimal /dev, private size-capped tmpfs at /workspace (its working directory, holding main.py read-only),
   /tmp and /dev/shm; nothing else of the host: no home, no project tree, no /etc but the loader cache, no host /tmp;
 - environment: a fixed, minimal set of variables (nothing inherited from the service);
 - user: the service's own uid, or ``sandbox_uid`` (nobody) when the service runs as root;
-- limits: see :mod:`sandbox.launcher` and :class:`sandbox.config.SandboxConfig`.
+- limits: see :mod:`sandbox.child` and :class:`sandbox.config.SandboxConfig`.
 
 The wall-clock timeout SIGKILLs bwrap's whole process group; the sandbox's PID 1 dying takes every process
 of the PID namespace with it, detached or not. The same happens when the program's main process exits, so a
@@ -43,7 +43,7 @@ WORKDIR = "/workspace"
 OUTPUT_GRACE_S = 2.0
 """How long to keep reading output after the program ended (the pipes' last bytes)."""
 
-LAUNCHER_SOURCE = Path(__file__).with_name("launcher.py").read_text()
+CHILD_SOURCE = Path(__file__).with_name("child.py").read_text()
 
 
 @dataclass
@@ -125,7 +125,7 @@ def _bwrap_options(config: SandboxConfig) -> tuple[str, ...]:
     """The bwrap command up to the per-run part: namespaces, read-only system, private tmpfs."""
     options = [config.bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts"]
     options += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
-    # As root, bwrap needs no user namespace; it lets the launcher switch to sandbox_uid, then drops all caps.
+    # As root, bwrap needs no user namespace; it lets the child (child.py) switch to sandbox_uid, then drops all caps.
     options += (
         ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if _drops_root(config) else ["--unshare-user"]
     )
@@ -165,7 +165,7 @@ def _environment(home: str) -> dict[str, str]:
 def _launch(
     config: SandboxConfig, ready_fd: int, run_timeout: float, memory_mb: int, script: str
 ) -> list[str]:
-    """The launcher's command line: this interpreter, the limits, then ``python script``."""
+    """The sandboxed child's command line: this interpreter, the limits, then ``python script``."""
     limits = (
         ready_fd,
         memory_mb << 20,
@@ -175,7 +175,7 @@ def _launch(
         config.open_files,
         config.sandbox_uid if _drops_root(config) else -1,
     )
-    return [sys.executable, "-I", "-S", "-c", LAUNCHER_SOURCE, *map(str, limits), sys.executable, script]
+    return [sys.executable, "-I", "-S", "-c", CHILD_SOURCE, *map(str, limits), sys.executable, script]
 
 
 def _kill_group(pgid: int) -> None:
@@ -284,7 +284,7 @@ async def _supervise(
 
 
 def _launched(ready_read: int) -> bool:
-    """Whether the launcher reported the sandbox ready (read once everything holding the pipe is gone)."""
+    """Whether the child reported the sandbox ready (read once everything holding the pipe is gone)."""
     os.set_blocking(ready_read, False)
     try:
         return os.read(ready_read, 1) == b"1"

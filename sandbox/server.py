@@ -12,13 +12,12 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sandbox.client import SandboxClient, SandboxUnavailable
 from sandbox.config import SandboxConfig
 from sandbox.executor import RunResult, check_isolation, execute
+from sandbox.process import stop_process_group
 
 CONFIG_ENV = "CTPO_SANDBOX_CONFIG"
 """Carries the service's settings (JSON) from ``serve`` to uvicorn's worker processes."""
@@ -242,18 +242,6 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the service's process group (uvicorn drains for up to 5 s), SIGKILL it after 15 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 @contextlib.contextmanager
 def running_service(
     host: str = "127.0.0.1",
@@ -297,8 +285,40 @@ def running_service(
         _wait_until_healthy(service, startup_timeout)
         yield service
     finally:
-        _stop(process)
+        stop_process_group(process)  # SIGTERM: uvicorn drains for up to 5 s; SIGKILL after 15 s
         log_path.unlink(missing_ok=True)
+
+
+@dataclass
+class Sandbox:
+    """The service a command uses: its URL and, when the command started it, a liveness check."""
+
+    url: str
+    alive: Callable[[], bool] | None = None
+
+
+@contextlib.contextmanager
+def given_or_started(url: str | None) -> Iterator[Sandbox]:
+    """The service at ``url`` (it must answer ``/health``), or, with no URL, one started now by
+    :func:`running_service` and stopped (exactly its process group) on exit. Both ``ctpo train`` and
+    ``ctpo eval`` get their sandbox here. SandboxUnavailable, one line, when neither works."""
+    if url:
+        with SandboxClient(url) as client:
+            if not client.health():
+                raise SandboxUnavailable(
+                    f"the sandbox service at {url} does not answer /health; give the URL of a running "
+                    "service (e.g. `ctpo sandbox serve`), or none to start one"
+                )
+        yield Sandbox(url)
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            service = stack.enter_context(running_service())
+        except SandboxUnavailable as error:
+            raise SandboxUnavailable(
+                f"cannot start the sandbox service ({error}); or give the URL of a running one"
+            ) from None
+        yield Sandbox(service.url, alive=lambda: service.process.poll() is None)
 
 
 def _wait_until_healthy(service: Service, timeout: float) -> None:

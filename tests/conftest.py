@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture
 def no_active_diagnostics() -> Iterator[None]:
     """No per-position accumulator is active before or after the test (the losses feed a process global)."""
-    from ctpo_cli import diagnostics
+    from ctpo_cli.algo import diagnostics
 
     diagnostics.activate(None)
     yield

@@ -1,0 +1,185 @@
+"""Per-position statistics of the cumulative log ratio K_t: the data behind the paper's Figure 1.
+
+The loss feeds the active :class:`PositionStats` at every micro-batch of every mini-batch, so the
+statistics see the policy *after* the earlier optimizer steps of the same rollout batch (pi != mu).
+Everything stays on the loss's device in one (2, L, S) float64 buffer (S statistics per position,
+one plane for the step's first mini-batch, which is on-policy up to numerics, one for the later,
+off-policy ones): memory O(max_len), no host synchronisation until :meth:`PositionStats.flush`,
+which writes one small parquet file per training step.
+
+Columns of a flushed file, one row per (offpolicy, position) with at least one token:
+
+    step, offpolicy, position (t = 1..L over model tokens),
+    n                       tokens at t
+    k_sum, k_sumsq          sum of K_t and K_t^2      -> mean, std of K_t
+    d_sum, d_sumsq          sum of d_t and d_t^2      -> per-token log-ratio spread
+    own_low, own_high       tokens outside the method's own clip window, by direction
+    fixed_low, fixed_high   K_t outside the fixed reference window (default ratio [0.5, 5])
+    sqrt_low, sqrt_high     K_t outside the sqrt(t) window [-a_low t^p, a_high t^p] (CTPO defaults)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from ctpo_cli.algo import defaults
+
+# torch is imported where tensors are handled, so that readers (analysis/) skip its ~2 s import
+if TYPE_CHECKING:
+    import torch
+
+STAT_COLUMNS = (
+    "n",
+    "k_sum",
+    "k_sumsq",
+    "d_sum",
+    "d_sumsq",
+    "own_low",
+    "own_high",
+    "fixed_low",
+    "fixed_high",
+    "sqrt_low",
+    "sqrt_high",
+)
+FIXED_WINDOW = defaults.FIXED_WINDOW
+"""Reference fixed window on K_t: ratio [0.5, 5] (the paper's Figure 1), ctpo-fixed's default."""
+SQRT_WINDOW = defaults.SQRT_WINDOW
+"""Reference position-adaptive window (a_low, a_high, p): K_t in [-a_low t^p, a_high t^p], ctpo's default."""
+POSITIONS_DIR = "positions"
+
+
+class PositionStats:
+    """On-device accumulator of per-position K_t statistics and clip counts.
+
+    Call :meth:`record` from the loss, :meth:`end_minibatch` after each optimizer step and
+    :meth:`flush` once per training step.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        fixed_window: tuple[float, float] = FIXED_WINDOW,
+        sqrt_window: tuple[float, float, float] = SQRT_WINDOW,
+        rank: int | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.fixed_window = fixed_window
+        self.sqrt_window = sqrt_window
+        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.minibatch = 0
+        self._buf: torch.Tensor | None = None
+
+    def record(
+        self,
+        cum_log_ratio: torch.Tensor,
+        log_ratio: torch.Tensor,
+        position: torch.Tensor,
+        mask: torch.Tensor,
+        own_low: torch.Tensor,
+        own_high: torch.Tensor,
+    ) -> None:
+        """Add one micro-batch; all arguments are (B, L), ``position`` counts model tokens from 1."""
+        import torch
+
+        k = cum_log_ratio.detach().double()
+        d = log_ratio.detach().double()
+        t = position.detach().double().clamp(min=1.0)
+        a_low, a_high, power = self.sqrt_window
+        scale = t**power
+        columns = (
+            torch.ones_like(k),
+            k,
+            k * k,
+            d,
+            d * d,
+            own_low,
+            own_high,
+            k < self.fixed_window[0],
+            k > self.fixed_window[1],
+            k < -a_low * scale,
+            k > a_high * scale,
+        )
+        values = torch.stack([c.double() for c in columns], dim=-1) * mask.detach().double().unsqueeze(-1)
+        length = k.shape[-1]
+        buf = self._buffer(length, k.device)
+        plane = min(self.minibatch, 1)
+        index = (t.long() - 1).clamp(min=0, max=length - 1).reshape(-1)
+        buf[plane].index_add_(0, index, values.reshape(-1, len(STAT_COLUMNS)))
+
+    def _buffer(self, length: int, device: torch.device) -> torch.Tensor:
+        """The (2, L, S) buffer, grown (never shrunk) to at least ``length`` positions."""
+        import torch
+
+        if self._buf is None:
+            self._buf = torch.zeros(2, length, len(STAT_COLUMNS), dtype=torch.float64, device=device)
+        elif self._buf.shape[1] < length:
+            grown = torch.zeros(2, length, len(STAT_COLUMNS), dtype=torch.float64, device=device)
+            grown[:, : self._buf.shape[1]] = self._buf
+            self._buf = grown
+        return self._buf
+
+    def end_minibatch(self) -> None:
+        """Mark an optimizer step: later records count as off-policy."""
+        self.minibatch += 1
+
+    def flush(self, step: int) -> Path | None:
+        """Write this step's statistics to ``out_dir/positions/step_XXXXXX[.rankR].parquet`` and reset.
+
+        Returns the file written, or None when nothing was recorded.
+        """
+        frame = self.to_frame(step)
+        self.minibatch = 0
+        if self._buf is not None:
+            self._buf.zero_()
+        if frame.empty:
+            return None
+        directory = self.out_dir / POSITIONS_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        suffix = f".rank{self.rank}" if self.rank else ""
+        path = directory / f"step_{step:06d}{suffix}.parquet"
+        tmp = path.with_suffix(".tmp")
+        frame.to_parquet(tmp, index=False)
+        tmp.replace(path)
+        return path
+
+    def to_frame(self, step: int) -> pd.DataFrame:
+        """The accumulated statistics as a DataFrame (one host transfer)."""
+        if self._buf is None:
+            return pd.DataFrame(columns=["step", "offpolicy", "position", *STAT_COLUMNS])
+        host = self._buf.cpu().numpy()
+        frames = []
+        for plane in (0, 1):
+            frame = pd.DataFrame(host[plane], columns=list(STAT_COLUMNS))
+            frame.insert(0, "position", range(1, len(frame) + 1))
+            frame.insert(0, "offpolicy", bool(plane))
+            frames.append(frame[frame["n"] > 0])
+        out = pd.concat(frames, ignore_index=True)
+        out.insert(0, "step", step)
+        return out
+
+
+_ACTIVE: PositionStats | None = None
+
+
+def activate(stats: PositionStats | None) -> None:
+    """Make ``stats`` the accumulator the losses feed (None: stop feeding)."""
+    global _ACTIVE
+    _ACTIVE = stats
+
+
+def active() -> PositionStats | None:
+    """The accumulator the losses currently feed, if any."""
+    return _ACTIVE
+
+
+def read_positions(run_dir: str | Path) -> pd.DataFrame:
+    """All per-position files of a run, summed over ranks: one row per (step, offpolicy, position)."""
+    files = sorted((Path(run_dir) / POSITIONS_DIR).glob("step_*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no per-position diagnostics under {Path(run_dir) / POSITIONS_DIR}")
+    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return frame.groupby(["step", "offpolicy", "position"], as_index=False)[list(STAT_COLUMNS)].sum()

@@ -1,0 +1,45 @@
+"""Saved generations of ``ctpo eval``: one JSONL file per benchmark, appended sample by sample."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class GenerationStore:
+    """``<benchmark>.jsonl``: one JSON record per finished sample, appended as it finishes.
+
+    The last record of a (problem_id, sample) key wins. A line cut short by a crash is dropped (and
+    cut from the file before the next append).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[tuple[str, int], dict[str, Any]]:
+        if not self.path.is_file():
+            return {}
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(len(complete))
+        records = (json.loads(line) for line in complete.decode().splitlines() if line.strip())
+        return {(r["problem_id"], r["sample"]): r for r in records}
+
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rewrite(self, records: Sequence[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        tmp.replace(self.path)

@@ -1,0 +1,104 @@
+"""The run directory: the files every backend writes and the analysis module reads.
+
+    runs/<name>/
+      run.json          method, backend, model, seed, hyperparameters, MLflow run id, status
+      metrics.jsonl     one JSON object per training step: {"step": k, "<metric>": value, ...}
+      positions/        per-position K_t statistics, one parquet per step (ctpo_cli.algo.diagnostics)
+      checkpoint/       the latest policy (Hugging Face format) and trainer state
+      eval/             `ctpo eval` results for this run's checkpoint
+
+Writes are append-only or atomic (write then rename), so an interrupted run loses nothing it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RUNS_DIR = Path("runs")
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def run_name(method: str, model: str, seed: int) -> str:
+    """``<method>-<model>-s<seed>-<YYYYmmdd-HHMMSS>`` (model reduced to its last path part)."""
+    short = Path(model).name or model
+    return f"{method}-{short}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def claim_run_dir(runs_dir: Path, name: str) -> Path:
+    """Create ``runs_dir/name`` and return it; ``name-2``, ``name-3``, ... when that is taken (two runs
+    started in the same second must not share a directory)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path, suffix = runs_dir / name, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            suffix += 1
+            path = runs_dir / f"{name}-{suffix}"
+
+
+def write_run_info(run_dir: Path, info: Mapping[str, Any]) -> None:
+    """Atomically (re)write ``run.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(dict(info), indent=2, sort_keys=True, default=str))
+    tmp.replace(run_dir / RUN_FILE)
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """The run's ``run.json``; FileNotFoundError naming the directory when it is not a run."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a ctpo run directory (no {RUN_FILE})")
+    info: dict[str, Any] = json.loads(path.read_text())
+    return info
+
+
+def append_metrics(run_dir: Path, step: int, metrics: Mapping[str, float]) -> None:
+    """Append one step's metrics as a JSON line (non-finite values become null)."""
+    row = {"step": step, **{k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}}
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: Path) -> pd.DataFrame:
+    """All logged steps as a DataFrame; the last record wins when a resumed run repeated a step."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    frame = pd.DataFrame(rows)
+    return frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+
+
+def find_runs(base: Path = RUNS_DIR) -> list[Path]:
+    """Run directories under ``base``, oldest first (by the time their run.json was started)."""
+    runs = [p.parent for p in Path(base).glob(f"*/{RUN_FILE}")]
+    return sorted(runs, key=lambda p: (read_run_info(p).get("started", ""), p.name))
+
+
+def latest_run_per_method(base: Path = RUNS_DIR) -> dict[str, Path]:
+    """The most recent run of each method under ``base``."""
+    latest: dict[str, Path] = {}
+    for run in find_runs(base):
+        latest[read_run_info(run)["method"]] = run
+    return latest
+
+
+def latest_checkpoint(base: Path = RUNS_DIR) -> Path | None:
+    """The checkpoint directory of the most recent run that has one, or None."""
+    for run in reversed(find_runs(base)):
+        checkpoint = run / CHECKPOINT_DIR
+        if (checkpoint / "config.json").is_file():
+            return checkpoint
+    return None

@@ -1,0 +1,167 @@
+"""MLflow tracking: the one place a ctpo run is created, logged to and ended in MLflow.
+
+Default store: ``sqlite:///mlflow.db`` in the working directory, the store a plain ``mlflow ui``
+started there opens by default (MLflow 3's file store is deprecated). ``MLFLOW_TRACKING_URI``
+overrides it (verl's MLflow logger reads the same variable).
+
+Lifecycle, the same for every run (local training, ``ctpo eval``, a verl launch):
+
+* :func:`create_run` makes the run (experiment created on first use), with tags and params;
+* :func:`log_metrics` / :func:`log_artifacts` add to it by run id (no global "active run");
+* :func:`end_run` records FINISHED, FAILED or KILLED.
+
+:func:`mlflow_run` is that lifecycle around a ``with`` block (KILLED on Ctrl-C, FAILED on any other
+exception). A verl launch calls :func:`create_run` / :func:`end_run` itself, because verl's own logger
+writes the metrics in between (it is handed the run id through ``MLFLOW_RUN_ID``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+DB_FILE = "mlflow.db"
+STATUSES = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+"""ctpo's run statuses (``run.json``) and MLflow's."""
+MAX_PARAM_CHARS = 6000
+
+
+def tracking_uri(workdir: str | Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else an absolute SQLite URI for ``<workdir>/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(workdir or Path.cwd()).resolve() / DB_FILE}"
+
+
+def git_commit() -> str:
+    """The project's git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def client() -> MlflowClient:
+    """A client of the tracking store (created on first use)."""
+    from mlflow import MlflowClient
+
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri())
+
+
+def existing_client() -> MlflowClient | None:
+    """A client of the tracking store, or None when the default SQLite store does not exist (so that
+    reading runs never creates an empty ``mlflow.db``)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    return client()
+
+
+def create_run(
+    experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None
+) -> str:
+    """A new run of ``experiment`` (created if needed) with ``tags`` and ``params``; its id.
+
+    ValueError (one line, naming the store) when the store cannot be used.
+    """
+    try:
+        mlflow = client()
+        found = mlflow.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment)
+        run = mlflow.create_run(
+            experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}
+        )
+        log_params(run.info.run_id, params)
+    except Exception as error:  # MLflow raises many types (store, REST, OS errors)
+        raise ValueError(f"cannot create the MLflow run at {tracking_uri()}: {_first_line(error)}") from None
+    return str(run.info.run_id)
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    """Params not yet on the run (a resumed run keeps the ones it was started with)."""
+    mlflow = client()
+    existing = set(mlflow.get_run(run_id).data.params)
+    for key, value in params.items():
+        if key not in existing:
+            text = str(value)
+            mlflow.log_param(run_id, key, text if len(text) <= MAX_PARAM_CHARS else text[:5990] + "...")
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """The finite values of ``metrics`` (at ``step``, if given)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if math.isfinite(float(v))]
+    if batch:
+        client().log_batch(run_id, metrics=batch)
+
+
+def log_artifacts(run_id: str, paths: Sequence[Path], artifact_path: str | None = None) -> None:
+    """Files (and whole folders) as artifacts, under ``artifact_path`` (or a folder's own name)."""
+    mlflow = client()
+    for path in paths:
+        if path.is_dir():
+            mlflow.log_artifacts(run_id, str(path), artifact_path or path.name)
+        elif path.is_file():
+            mlflow.log_artifact(run_id, str(path), artifact_path)
+
+
+def end_run(run_id: str, status: str) -> None:
+    """Record the run's final status: ``finished``, ``failed`` or ``killed`` (MLflow's names)."""
+    client().set_terminated(run_id, status=STATUSES[status])
+
+
+@contextmanager
+def mlflow_run(
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+) -> Iterator[str]:
+    """The lifecycle around a ``with`` block: a new run (or ``run_id`` resumed, adding only new params),
+    ended FINISHED, KILLED (Ctrl-C) or FAILED (any other exception). Yields the run id."""
+    if run_id is None:
+        run_id = create_run(experiment, run_name, params, tags)
+    else:
+        log_params(run_id, params)
+        client().update_run(run_id, status="RUNNING")
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        end_run(run_id, "killed")
+        raise
+    except BaseException:
+        end_run(run_id, "failed")
+        raise
+    end_run(run_id, "finished")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

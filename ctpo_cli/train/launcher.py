@@ -1,0 +1,352 @@
+"""``ctpo train`` on verl: compose the experiment, check it with verl, then run ``verl.trainer.main_ppo``.
+
+:func:`train_verl` is the command. A launch (:func:`launch`):
+
+1. creates ``runs/<name>/`` with ``run.json`` (status ``running``), the resolved experiment
+   (``experiment.yaml``) and verl's composed config (``verl_config.yaml``);
+2. starts the sandbox service (``sandbox.server.given_or_started``: a child process group on a free
+   port, ready once ``/health`` answers) unless a URL was given (``--sandbox-url``, ``$CTPO_SANDBOX_URL``
+   or ``ctpo.sandbox.url``);
+3. creates the MLflow run (tracking URI as everywhere in ctpo: ``ctpo_cli.runs.tracking.tracking_uri``;
+   experiment ``ctpo-verl-<model>``, run ``<method>-<model>-s<seed>-<time>``) and hands it to verl's
+   MLflow logger through ``MLFLOW_RUN_ID``, so that the run is tagged with method, model and seed and
+   ends FAILED or KILLED when training does (verl's logger always ends it FINISHED);
+4. runs verl as a child process in its own process group, streaming its output to the console and to
+   ``runs/<name>/train.log``; stops early if the sandbox it started dies;
+5. whatever happens (failure, Ctrl-C): stops the child's process group and the sandbox it started,
+   copies verl's per-step metrics into ``metrics.jsonl`` and records the final status.
+
+Only processes this module started are ever signalled, by process group id; nothing is killed by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ctpo_cli.runs import rundir, tracking
+from ctpo_cli.train.experiments import (
+    DATA_PATH_KEYS,
+    BackendUnavailable,
+    Experiment,
+    VerlJob,
+    build_job,
+    compose_experiment,
+)
+from sandbox.process import TERMINATE_GRACE_S, stop_process_group
+
+LOG_FILE = "train.log"
+VERL_METRICS_FILE = "verl_metrics.jsonl"
+EXPERIMENT_FILE = "experiment.yaml"
+VERL_CONFIG_FILE = "verl_config.yaml"
+SANDBOX_ENV = "CTPO_SANDBOX_URL"
+INTERRUPT_GRACE_S = 60.0
+"""After Ctrl-C, how long verl gets to shut Ray down cleanly before its process group is terminated."""
+
+
+class TrainingFailed(RuntimeError):
+    """verl (or the sandbox it needed) failed; ``code`` is the exit code to pass on."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def train_verl(
+    method: str,
+    model: str | None = None,
+    seed: int | None = None,
+    experiment_files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    runs_dir: str | Path = rundir.RUNS_DIR,
+    dry_run: bool = False,
+    sandbox_url: str | None = None,
+) -> Path | None:
+    """Compose, validate and (unless ``dry_run``) launch a verl training run; returns its run directory.
+
+    ``dry_run`` prints verl's composed config and the exact command, and launches nothing. Without GPUs
+    or verl a real launch stops at once with one line naming ``--backend local`` and ``--dry-run``.
+    Raises TrainingFailed when verl exits with an error (after recording the run as failed).
+    """
+    experiment = compose_experiment(method, model, seed, experiment_files, overrides, runs_dir)
+    if not dry_run:
+        require_backend(
+            int(experiment.verl["trainer"]["n_gpus_per_node"]), int(experiment.verl["trainer"]["nnodes"])
+        )
+    job = build_job(experiment)
+    if dry_run:
+        print_dry_run(job, sandbox_url or experiment.ctpo.sandbox.url)
+        return None
+    missing = missing_data_files(experiment)
+    if missing:
+        raise FileNotFoundError(
+            f"{missing[0]} not found: run `ctpo data prepare` first, or set {' / '.join(DATA_PATH_KEYS)}"
+        )
+    run_dir = experiment.run_dir
+    code = launch(
+        job.command,
+        run_dir,
+        run_info(job, list(overrides)),
+        sandbox_url=sandbox_url or experiment.ctpo.sandbox.url,
+        mlflow_experiment=str(job.config.trainer.project_name),
+        files={EXPERIMENT_FILE: experiment_yaml(experiment), VERL_CONFIG_FILE: OmegaConf.to_yaml(job.config)},
+    )
+    if code != 0:
+        raise TrainingFailed(f"verl exited with code {code}; see {run_dir / LOG_FILE}", code)
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before a launch
+
+
+def require_backend(n_gpus: int, nnodes: int = 1) -> None:
+    """One-line BackendUnavailable unless verl, vLLM and enough CUDA GPUs are here (issue 9)."""
+    problems = [f"{name} is not installed" for name in ("verl", "vllm") if find_spec(name) is None]
+    visible = _cuda_devices()
+    if visible == 0:
+        problems.append("no CUDA GPU is visible")
+    elif nnodes == 1 and visible < n_gpus:
+        problems.append(f"the experiment needs {n_gpus} GPUs (trainer.n_gpus_per_node), {visible} visible")
+    if problems:
+        raise BackendUnavailable(
+            f"this run needs GPUs and verl with vLLM ({'; '.join(problems)}); "
+            "train on this machine with --backend local, or print the verl command with --dry-run"
+        )
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def missing_data_files(experiment: Experiment) -> list[str]:
+    """Train/validation files the experiment names that do not exist."""
+    data = experiment.verl.get("data", {})
+    paths: list[str] = []
+    for key in DATA_PATH_KEYS:
+        value = data.get(key.rpartition(".")[2])
+        paths += value if isinstance(value, list) else [value] if value else []
+    return [p for p in paths if not Path(p).exists()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Dry run
+
+
+def print_dry_run(job: VerlJob, sandbox_url: str | None) -> None:
+    """verl's composed config, then the exact command with the environment a launch gives it."""
+    experiment = job.experiment
+    sources = ", ".join(str(f) for f in experiment.files)
+    print(f"# verl config composed from {sources} and the command line (python -m verl.trainer.main_ppo)")
+    print(OmegaConf.to_yaml(job.config, resolve=True))
+    env = launch_env(
+        experiment.run_dir, sandbox_url or "<sandbox started by ctpo train>", "<created by ctpo train>"
+    )
+    print("# command, run by `ctpo train` with this environment:")
+    for key, value in env.items():
+        print(f"#   {key}={value}")
+    print(format_command(job.command))
+    missing = missing_data_files(experiment)
+    if missing:
+        print(
+            f"note: {len(missing)} data file(s) do not exist yet, e.g. {missing[0]}: run `ctpo data prepare`",
+            file=sys.stderr,
+        )
+
+
+def format_command(command: Sequence[str]) -> str:
+    """The command as one copy-pasteable shell line, continued over one line per override."""
+    import shlex
+
+    program = " ".join(shlex.quote(part) for part in command[:3])
+    return " \\\n    ".join([program, *(shlex.quote(part) for part in command[3:])])
+
+
+def experiment_yaml(experiment: Experiment) -> str:
+    """The resolved experiment (ctpo section and verl keys) as YAML."""
+    return OmegaConf.to_yaml({"ctpo": asdict(experiment.ctpo), **experiment.verl})
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch
+
+
+def run_info(job: VerlJob, overrides: list[str]) -> dict[str, Any]:
+    """``run.json`` of a verl run (same keys as the local backend's where they mean the same)."""
+    experiment = job.experiment
+    return {
+        "method": experiment.ctpo.method,
+        "backend": "verl",
+        "model": experiment.ctpo.model,
+        "model_path": str(job.config.actor_rollout_ref.model.path),
+        "seed": experiment.ctpo.seed,
+        "overrides": overrides,
+        "experiment_files": [str(f) for f in experiment.files],
+        "hparams": job.hparams,
+        "verl_command": job.command,
+        "git_commit": tracking.git_commit(),
+    }
+
+
+def launch_env(run_dir: Path, sandbox_url: str, mlflow_run_id: str) -> dict[str, str]:
+    """Environment of the verl process (inherited by the Ray cluster it starts, workers included)."""
+    return {
+        "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+        "MLFLOW_RUN_ID": mlflow_run_id,
+        SANDBOX_ENV: sandbox_url,
+        "VERL_FILE_LOGGER_PATH": str(run_dir / VERL_METRICS_FILE),
+    }
+
+
+def mlflow_tags(info: Mapping[str, Any]) -> dict[str, str]:
+    """Tags that ``ctpo plot``/``report`` find runs by."""
+    return {key: str(info[key]) for key in ("method", "model", "seed", "backend", "run_dir") if key in info}
+
+
+def mlflow_params(info: Mapping[str, Any]) -> dict[str, Any]:
+    """Method, seed, commit and the loss hyperparameters (``loss.<name>``)."""
+    params = {key: info.get(key) for key in ("method", "seed", "git_commit")}
+    params.update({f"loss.{k}": v for k, v in dict(info.get("hparams", {})).items()})
+    return params
+
+
+def launch(
+    command: Sequence[str],
+    run_dir: Path,
+    info: Mapping[str, Any],
+    sandbox_url: str | None = None,
+    mlflow_experiment: str = "ctpo-verl",
+    files: Mapping[str, str] | None = None,
+) -> int:
+    """Run ``command`` as the training process of ``run_dir`` (see the module docstring); its exit code.
+
+    KeyboardInterrupt is re-raised after the run is recorded as killed.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise ValueError(
+            f"run directory {run_dir} already exists; start the run again for a new name"
+        ) from None
+    for name, text in (files or {}).items():
+        (run_dir / name).write_text(text)
+    record = {
+        **info,
+        "run_dir": str(run_dir),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "status": "starting",
+    }
+    rundir.write_run_info(run_dir, record)
+    status = "failed"
+    from sandbox.server import given_or_started  # (FastAPI: imported only for a launch)
+
+    try:
+        with given_or_started(sandbox_url) as sandbox:
+            run_id = tracking.create_run(
+                mlflow_experiment, run_dir.name, mlflow_params(record), mlflow_tags(record)
+            )
+            env = launch_env(run_dir, sandbox.url, run_id)
+            record.update(status="running", mlflow_run_id=run_id, mlflow_experiment=mlflow_experiment)
+            record["sandbox_url"] = sandbox.url
+            rundir.write_run_info(run_dir, record)
+            code = stream_process(command, run_dir / LOG_FILE, {**os.environ, **env}, sandbox.alive)
+        status = "finished" if code == 0 else "failed"
+        record["return_code"] = code
+        return code
+    except KeyboardInterrupt:
+        status = "killed"
+        raise
+    finally:
+        record.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        rundir.write_run_info(run_dir, record)
+        import_verl_metrics(run_dir)
+        if "mlflow_run_id" in record:
+            with contextlib.suppress(Exception):  # the run dir already says how it ended
+                tracking.end_run(str(record["mlflow_run_id"]), status)
+
+
+def stream_process(
+    command: Sequence[str], log_path: Path, env: Mapping[str, str], alive: Callable[[], bool] | None = None
+) -> int:
+    """Run ``command`` in its own process group; copy its output (stdout and stderr) to our stdout and
+    ``log_path`` as it comes. Stops it when ``alive()`` turns False (returns 1) or on Ctrl-C (re-raised)."""
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+        )
+        assert process.stdout is not None
+        try:
+            while True:
+                ready, _, _ = select.select([process.stdout], [], [], 1.0)
+                chunk = os.read(process.stdout.fileno(), 65536) if ready else b""
+                if ready and not chunk:
+                    return process.wait()
+                _copy(chunk, log)
+                if alive is not None and not alive():
+                    _copy(b"\nctpo: the sandbox service stopped; stopping training\n", log)
+                    stop_process_group(process, interrupt_grace=TERMINATE_GRACE_S)
+                    return 1
+        except KeyboardInterrupt:
+            _copy(b"\nctpo: interrupted; stopping verl (Ray shuts down first)\n", log)
+            raise
+        finally:
+            if process.poll() is None:
+                stop_process_group(process, interrupt_grace=INTERRUPT_GRACE_S)
+            process.stdout.close()
+
+
+def _copy(chunk: bytes, log: Any) -> None:
+    if not chunk:
+        return
+    log.write(chunk)
+    log.flush()
+    out = getattr(sys.stdout, "buffer", None)
+    if out is not None:
+        out.write(chunk)
+    else:
+        sys.stdout.write(chunk.decode(errors="replace"))
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------------
+# MLflow and metrics
+
+
+def import_verl_metrics(run_dir: Path) -> int:
+    """Copy verl's file-logger records (``{"step": k, "data": {...}}``) into ``metrics.jsonl``, one row
+    per step (records of the same step merged, numbers only); returns the number of steps."""
+    source = run_dir / VERL_METRICS_FILE
+    if not source.is_file():
+        return 0
+    steps: dict[int, dict[str, float]] = {}
+    for line in source.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            record = json.loads(line)
+            numbers = {
+                key: float(value)
+                for key, value in record["data"].items()
+                if isinstance(value, int | float) and not isinstance(value, bool)
+            }
+            steps.setdefault(int(record["step"]), {}).update(numbers)
+    for step, numbers in sorted(steps.items()):
+        rundir.append_metrics(run_dir, step, numbers)
+    return len(steps)

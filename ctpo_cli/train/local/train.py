@@ -1,0 +1,531 @@
+"""The local backend's trainer: verl's RL loop on one machine, with the same losses and diagnostics.
+
+One training step, as verl does it:
+  1. rollout: P prompts x G samples from the current policy mu (temperature sampling);
+  2. reward: 1 if the final \\boxed{} answer is right (``ctpo_cli.tir.scoring``), else 0;
+  3. advantage: GRPO outcome advantage A_i = (R_i - mean_group) / (std_group + 1e-6), on every token;
+  4. old log-probs: recomputed by the trainer with a forward pass (log mu);
+  5. M mini-batches, one optimizer step each: mini-batch 1 is on-policy, the later ones are
+     off-policy (pi_theta != mu), which is where the IS ratio of the chosen method matters.
+The per-position K_t statistics are fed from inside the loss and flushed once per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ctpo_cli.algo import diagnostics
+from ctpo_cli.algo.losses import get_method, get_policy_loss, method_hparams
+from ctpo_cli.runs import rundir, tracking
+from ctpo_cli.tir.scoring import score_batch
+from ctpo_cli.train.local.config import LocalConfig, build_config, flat_params
+from ctpo_cli.train.local.model import build_tiny_model, build_tokenizer, load_policy, on_device
+from ctpo_cli.train.local.task import Problem, eval_problems, sample_problems
+
+EXPERIMENT = "ctpo-local"
+WARMSTART_DIR = ".warmstart"
+TINY = "tiny-qwen3"
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses, laid out as [left-padded prompt | right-padded response]."""
+
+    input_ids: torch.Tensor  # (N, P + R)
+    attention_mask: torch.Tensor  # (N, P + R)
+    response_mask: torch.Tensor  # (N, R) 1 on response tokens up to and including EOS
+    prompt_length: int
+    texts: list[str]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> str:
+    """The problem as chat-template text ending with the assistant header (Qwen3: no thinking)."""
+    text = tokenizer.apply_chat_template(
+        problem.messages(), add_generation_prompt=True, tokenize=False, enable_thinking=False
+    )
+    assert isinstance(text, str)
+    return text
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, problems: list[Problem], device: str
+) -> dict[str, torch.Tensor]:
+    """Chat-formatted prompts, left-padded (generation appends on the right)."""
+    texts = [chat_prompt(tokenizer, p) for p in problems]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def sample_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    device: str,
+) -> Rollout:
+    """``samples`` responses per problem (grouped: problem i owns rows i*samples .. i*samples+samples-1)."""
+    prompts = encode_prompts(tokenizer, [p for p in problems for _ in range(samples)], device)
+    model.eval()
+    output = model.generate(  # type: ignore[operator]
+        **prompts,
+        do_sample=True,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    prompt_length = prompts["input_ids"].shape[1]
+    response = output[:, prompt_length:]
+    is_eos = response == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    response_mask = (~after_eos).long()
+    response = torch.where(after_eos, tokenizer.pad_token_id, response)
+    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+    return Rollout(
+        input_ids=torch.cat([prompts["input_ids"], response], dim=1),
+        attention_mask=torch.cat([prompts["attention_mask"], response_mask], dim=1),
+        response_mask=response_mask,
+        prompt_length=prompt_length,
+        texts=texts,
+    )
+
+
+def response_log_probs(
+    model: PreTrainedModel, rollout: Rollout, rows: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """log pi(y_t | s_t) of the response tokens of ``rows`` (logits divided by the sampling temperature)."""
+    input_ids = rollout.input_ids[rows]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=rollout.attention_mask[rows],
+        position_ids=rollout.position_ids[rows],
+    ).logits
+    logits = logits[:, rollout.prompt_length - 1 : -1].float() / temperature
+    targets = input_ids[:, rollout.prompt_length :]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def group_advantages(rewards: torch.Tensor, samples: int) -> torch.Tensor:
+    """GRPO outcome advantage: A_i = (R_i - mean_group) / (std_group + 1e-6), per response."""
+    grouped = rewards.view(-1, samples)
+    normalised = (grouped - grouped.mean(-1, keepdim=True)) / (grouped.std(-1, keepdim=True) + 1e-6)
+    return normalised.view(-1)
+
+
+def avg_at_k(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    k: int,
+    config: LocalConfig,
+    device: str,
+) -> float:
+    """Mean over problems of the fraction of k sampled responses that are right (avg@k).
+
+    Sampling is seeded from the problems, so every method and step is judged on the same draws.
+    """
+    torch.manual_seed(len(problems) * 7919 + k)
+    rollout = sample_responses(
+        model, tokenizer, problems, k, config.rl.temperature, config.rl.max_new_tokens, device
+    )
+    correct = score_batch(rollout.texts, [str(p.answer) for p in problems for _ in range(k)])
+    return float(np.mean(correct))
+
+
+# --------------------------------------------------------------------------------------------------
+# Warm start
+
+
+def warmstart_key(config: LocalConfig, seed: int, model: str) -> str:
+    """Identifies a warm-start checkpoint: model source, model/task/warm-start config and seed."""
+    blob = json.dumps(
+        [model, asdict(config.model), asdict(config.task), asdict(config.warmstart), seed], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def supervised_warmstart(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: LocalConfig,
+    seed: int,
+    device: str,
+    console: Console,
+) -> None:
+    """Teacher-forced cross-entropy on worked solutions (response tokens only), a
+    ``warmstart.careless_frac`` share of them careless (see ``WarmStartConfig``)."""
+    rng = np.random.default_rng([seed, 0])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmstart.lr)
+    steps = config.warmstart.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / 20) * (1 - i / steps)
+    )
+    model.train()
+    tokenizer.padding_side = "right"
+    with _progress(console) as progress:
+        task = progress.add_task("warm start (supervised)", total=config.warmstart.steps, metric="")
+        for _ in range(config.warmstart.steps):
+            problems = sample_problems(config.task, config.warmstart.batch_size, rng)
+            prompts = [chat_prompt(tokenizer, p) for p in problems]
+            careless = rng.random(len(problems)) < config.warmstart.careless_frac
+            full = [
+                prompt + p.solution(bool(c)) + tokenizer.eos_token
+                for prompt, p, c in zip(prompts, problems, careless, strict=True)
+            ]
+            batch = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            for row, prompt in enumerate(prompts):
+                labels[row, : len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] = -100
+            loss = model(**batch, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            progress.update(task, advance=1, metric=f"loss {loss.item():.3f}")
+
+
+def starting_checkpoint(config: LocalConfig, model_path: str | None, seed: int, runs_dir: Path) -> Path:
+    """Where the starting policy of (config, model, seed) is cached: ``runs/.warmstart/<key>``."""
+    return Path(runs_dir) / WARMSTART_DIR / warmstart_key(config, seed, model_path or TINY)
+
+
+def initial_policy(
+    config: LocalConfig, model_path: str | None, seed: int, runs_dir: Path, device: str, console: Console
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The starting policy: the warm-started model, trained once per (config, seed) and cached."""
+    cache = starting_checkpoint(config, model_path, seed, runs_dir)
+    if (cache / "config.json").is_file():
+        return load_policy(cache, device)
+    if model_path:
+        model, tokenizer = load_policy(model_path, device)
+    else:
+        tokenizer = build_tokenizer()
+        model = on_device(build_tiny_model(config.model, tokenizer, seed), device)
+    if config.warmstart.steps > 0:
+        supervised_warmstart(model, tokenizer, config, seed, device, console)
+    _save_checkpoint(cache, model, tokenizer, None)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# The RL step
+
+
+def rl_step(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    optimizer: torch.optim.Optimizer,
+    method: str,
+    config: LocalConfig,
+    problems: list[Problem],
+    stats: diagnostics.PositionStats,
+    generator: torch.Generator,
+    device: str,
+) -> dict[str, float]:
+    """One rollout batch and its M optimizer steps; returns the step's metrics."""
+    rl = config.rl
+    loss_fn = get_policy_loss(method)
+    start = time.perf_counter()
+    rollout = sample_responses(
+        model, tokenizer, problems, rl.samples_per_prompt, rl.temperature, rl.max_new_tokens, device
+    )
+    generated = time.perf_counter()
+    truths = [str(p.answer) for p in problems for _ in range(rl.samples_per_prompt)]
+    rewards = torch.tensor(score_batch(rollout.texts, truths), dtype=torch.float32, device=device)
+    advantages = group_advantages(rewards, rl.samples_per_prompt)
+    rows = torch.arange(len(rewards), device=device)
+    with torch.no_grad():
+        old_log_prob = response_log_probs(model, rollout, rows, rl.temperature)
+
+    model.train()
+    sums: dict[str, float] = {}
+    order = torch.randperm(len(rewards), generator=generator).to(device)
+    for minibatch in order.chunk(rl.minibatches):
+        log_prob = response_log_probs(model, rollout, minibatch, rl.temperature)
+        mask = rollout.response_mask[minibatch]
+        loss, metrics = loss_fn(
+            old_log_prob=old_log_prob[minibatch],
+            log_prob=log_prob,
+            advantages=advantages[minibatch].unsqueeze(-1).expand_as(log_prob),
+            response_mask=mask.bool(),
+            loss_agg_mode=rl.loss_agg_mode,
+            config=config.loss,
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
+        optimizer.step()
+        stats.end_minibatch()
+        metrics = {**metrics, "actor/pg_loss": loss.detach(), "actor/grad_norm": grad_norm}
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + float(value) / rl.minibatches
+    elapsed = time.perf_counter() - start
+    tokens = float(rollout.response_mask.sum())
+    groups = rewards.view(-1, rl.samples_per_prompt)
+    return {
+        **sums,
+        "actor/ppo_kl_last_minibatch": float(metrics["actor/ppo_kl"]),
+        "reward/mean": float(rewards.mean()),
+        "reward/solved_all_frac": float((groups.min(-1).values == 1).float().mean()),
+        "reward/zero_advantage_frac": float((groups.std(-1) == 0).float().mean()),
+        "response_length/mean": tokens / len(rewards),
+        "perf/step_s": elapsed,
+        "perf/rollout_s": generated - start,
+        "perf/tokens_per_s": tokens / elapsed,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and the run
+
+
+def _save_checkpoint(
+    path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, state: dict[str, Any] | None
+) -> None:
+    """Write a Hugging Face checkpoint (+ trainer state) next to ``path`` and swap it in atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if state is not None:
+        torch.save(state, tmp / "trainer_state.pt")
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metric]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _resumable_run(runs_dir: Path, method: str) -> Path:
+    """The most recent unfinished run of ``method`` with a checkpoint to resume from."""
+    for run in reversed(rundir.find_runs(runs_dir)):
+        info = rundir.read_run_info(run)
+        resumable = info.get("backend") == "local" and info.get("status") != "finished"
+        if (
+            resumable
+            and info.get("method") == method
+            and (run / rundir.CHECKPOINT_DIR / "trainer_state.pt").is_file()
+        ):
+            return run
+    raise FileNotFoundError(
+        f"no interrupted local run of {method!r} with a checkpoint under {runs_dir}; start one without --resume"
+    )
+
+
+def train_local(
+    method: str,
+    model: str | None = None,
+    seed: int = 0,
+    preset: str = "tiny",
+    overrides: list[str] | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    runs_dir: str | Path = rundir.RUNS_DIR,
+    console: Console | None = None,
+) -> Path:
+    """Train ``method`` on the synthetic task; returns the run directory.
+
+    Each run is an MLflow run (experiment ``ctpo-local``) mirrored by ``runs/<name>/``. Ctrl-C saves
+    a checkpoint, marks the run killed and re-raises; ``resume=True`` continues the latest
+    interrupted run of the method (overrides then apply on top of its saved config, e.g. more steps).
+    """
+    console = console or Console()
+    get_method(method)
+    runs_dir = Path(runs_dir)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch sees no GPU; use --device cpu")
+    if resume:
+        run_dir = _resumable_run(runs_dir, method)
+        info = rundir.read_run_info(run_dir)
+        config = build_config(info["preset"], [*info["overrides"], *(overrides or [])])
+        seed, model = info["seed"], info["model_path"]
+    else:
+        config = build_config(preset, overrides)
+        run_dir = rundir.claim_run_dir(runs_dir, rundir.run_name(method, model or TINY, seed))
+        info = {
+            "method": method,
+            "backend": "local",
+            "model": model or TINY,
+            "model_path": model,
+            "preset": preset,
+            "overrides": list(overrides or []),
+            "seed": seed,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "status": "running",
+        }
+    hparams = method_hparams(method, config.loss)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    start_step = 0
+    state_file = run_dir / rundir.CHECKPOINT_DIR / "trainer_state.pt"
+    if resume:
+        policy, tokenizer = load_policy(run_dir / rundir.CHECKPOINT_DIR, device)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.rl.lr)
+        state = torch.load(state_file, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        console.print(f"resuming [bold]{run_dir}[/] from step {start_step}")
+    else:
+        policy, tokenizer = initial_policy(config, model, seed, runs_dir, device, console)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.rl.lr)
+
+    params = {
+        "method": method,
+        "seed": seed,
+        "model": info["model"],
+        "git_commit": tracking.git_commit(),
+        **flat_params(config),
+    }
+    params.update({f"loss.{k}": v for k, v in hparams.items()})
+    tags = {"run_dir": str(run_dir.resolve()), "backend": "local", "method": method}
+    stats = diagnostics.PositionStats(run_dir)
+    diagnostics.activate(stats)
+    progress = TrainProgress(step=start_step)
+    try:
+        with tracking.mlflow_run(
+            EXPERIMENT, run_dir.name, params, tags, run_id=info.get("mlflow_run_id")
+        ) as run_id:
+            info.update(mlflow_run_id=run_id, run_dir=str(run_dir), status="running", hparams=hparams)
+            rundir.write_run_info(run_dir, info)
+            _train_loop(
+                policy,
+                tokenizer,
+                optimizer,
+                method,
+                config,
+                seed,
+                progress,
+                run_dir,
+                run_id,
+                stats,
+                device,
+                console,
+            )
+        info["status"] = "finished"
+    except KeyboardInterrupt:
+        info["status"] = "killed"
+        raise
+    except BaseException:
+        info["status"] = "failed"
+        raise
+    finally:
+        diagnostics.activate(None)
+        if progress.step > start_step or not state_file.exists():
+            state = {"optimizer": optimizer.state_dict(), "step": progress.step, "seed": seed}
+            _save_checkpoint(run_dir / rundir.CHECKPOINT_DIR, policy, tokenizer, state)
+        rundir.write_run_info(run_dir, info)
+        if "mlflow_run_id" in info:
+            tracking.log_artifacts(
+                info["mlflow_run_id"],
+                [
+                    run_dir / name
+                    for name in (
+                        diagnostics.POSITIONS_DIR,
+                        rundir.CHECKPOINT_DIR,
+                        rundir.METRICS_FILE,
+                        rundir.RUN_FILE,
+                    )
+                ],
+            )
+        if info["status"] == "killed":
+            console.print(
+                f"[yellow]checkpoint saved at step {progress.step}; continue with: "
+                f"ctpo train --method {method} --backend local --resume"
+            )
+    return run_dir
+
+
+@dataclass
+class TrainProgress:
+    """The last completed RL step (what a checkpoint taken now would hold)."""
+
+    step: int
+
+
+def _train_loop(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    optimizer: torch.optim.Optimizer,
+    method: str,
+    config: LocalConfig,
+    seed: int,
+    progress: TrainProgress,
+    run_dir: Path,
+    run_id: str,
+    stats: diagnostics.PositionStats,
+    device: str,
+    console: Console,
+) -> None:
+    """Steps progress.step+1 .. rl.steps, with validation, checkpoints, metrics (file + MLflow)."""
+    rl = config.rl
+    held_out = eval_problems(config.task, seed)
+    with _progress(console) as bar:
+        task = bar.add_task(f"{method} RL", total=rl.steps, completed=progress.step, metric="")
+        if progress.step == 0:
+            _log(
+                run_dir,
+                run_id,
+                0,
+                {"val/avg_at_k": avg_at_k(policy, tokenizer, held_out, rl.val_samples, config, device)},
+            )
+        for step in range(progress.step + 1, rl.steps + 1):
+            torch.manual_seed(seed * 100_003 + step)
+            problems = sample_problems(
+                config.task, rl.prompts_per_step, np.random.default_rng([seed, 1, step])
+            )
+            generator = torch.Generator().manual_seed(seed * 100_003 + step)
+            metrics = rl_step(
+                policy, tokenizer, optimizer, method, config, problems, stats, generator, device
+            )
+            stats.flush(step)
+            if step % rl.val_every == 0 or step == rl.steps:
+                metrics["val/avg_at_k"] = avg_at_k(
+                    policy, tokenizer, held_out, rl.val_samples, config, device
+                )
+            _log(run_dir, run_id, step, metrics)
+            progress.step = step
+            if step % rl.checkpoint_every == 0 and step < rl.steps:
+                state = {"optimizer": optimizer.state_dict(), "step": step, "seed": seed}
+                _save_checkpoint(run_dir / rundir.CHECKPOINT_DIR, policy, tokenizer, state)
+            shown = f"reward {metrics['reward/mean']:.2f}  kl {metrics['actor/ppo_kl']:.1e}"
+            bar.update(task, advance=1, metric=shown)
+
+
+def _log(run_dir: Path, run_id: str, step: int, metrics: dict[str, float]) -> None:
+    """Append to metrics.jsonl and log to the MLflow run."""
+    rundir.append_metrics(run_dir, step, metrics)
+    tracking.log_metrics(run_id, metrics, step=step)
