@@ -442,12 +442,19 @@ def data_prepare(
     console.print(table)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions shown as one line: bad input, missing files, a sandbox service that is not there."""
+    from sandbox.client import SandboxUnavailable  # (httpx: imported only when an error is handled)
+
+    return (UserError, ValueError, FileNotFoundError, SandboxUnavailable)
+
+
 def main() -> None:
     """Entry point: user errors become one red line (CTPO_DEBUG=1 shows the traceback)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # Rich shows progress; no tqdm bars
     try:
         app()
-    except (UserError, ValueError, FileNotFoundError) as error:
+    except user_errors() as error:
         if os.environ.get("CTPO_DEBUG"):
             raise
         Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)

@@ -415,64 +415,6 @@ def token_terms(
     )
 
 
-def clipped_policy_loss(
-    name: str,
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:
-    """The loss of method ``name`` (see the module docstring), with verl's metric names plus ours."""
-    method = get_method(name)
-    hp = method_hparams(name, config)
-    _check_inputs(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, rollout_is_weights)
-    terms = token_terms(old_log_prob, log_prob, response_mask)
-    window = method.weight(terms, hp)
-    mask = terms.mask
-
-    weight = torch.exp(window.log_weight)
-    low, high = (
-        torch.as_tensor(b, dtype=weight.dtype, device=weight.device) for b in (window.low, window.high)
-    )
-    clipped_weight = torch.clamp(weight, min=low, max=high)
-    loss_unclipped = -advantages * weight
-    loss_clipped = -advantages * clipped_weight
-    loss = torch.maximum(loss_unclipped, loss_clipped)
-    metrics: Metrics = {
-        "actor/pg_clipfrac": masked_mean(torch.gt(loss_clipped, loss_unclipped).float(), mask)
-    }
-    if window.dual_clip is None:
-        metrics["actor/pg_clipfrac_lower"] = torch.zeros((), device=log_prob.device)
-    else:
-        loss_dual = -advantages * window.dual_clip
-        metrics["actor/pg_clipfrac_lower"] = masked_mean(
-            (torch.gt(loss, loss_dual) & (advantages < 0)).float(), mask
-        )
-        loss = torch.where(advantages < 0, torch.minimum(loss, loss_dual), loss)
-    if rollout_is_weights is not None:
-        loss = loss * rollout_is_weights
-
-    agg_mode = method.fixed_agg_mode or loss_agg_mode
-    pg_loss = agg_loss(loss, response_mask, agg_mode, **_global_batch_info(config))
-
-    with torch.no_grad():
-        below = (weight < low) & response_mask.bool()
-        above = (weight > high) & response_mask.bool()
-        metrics["actor/ppo_kl"] = masked_mean(-terms.log_ratio, mask)
-        metrics["ctpo/is_weight_mean"] = masked_mean(weight, mask)
-        metrics["ctpo/is_weight_max"] = torch.where(response_mask.bool(), weight, 0.0).max()
-        metrics["ctpo/clip_low_frac"] = masked_mean(below.float(), mask)
-        metrics["ctpo/clip_high_frac"] = masked_mean(above.float(), mask)
-        metrics["ctpo/cum_log_ratio_abs_mean"] = masked_mean(terms.cum_log_ratio.abs(), mask)
-        accumulator = diagnostics.active()
-        if accumulator is not None:
-            accumulator.record(terms.cum_log_ratio, terms.log_ratio, terms.position, mask, below, above)
-    return pg_loss, {k: v.detach() for k, v in metrics.items()}
-
-
 def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> PolicyLossFn:
     """A function with verl's policy-loss signature computing method ``name``'s loss.
 
@@ -494,9 +436,51 @@ def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> 
     ) -> tuple[torch.Tensor, Metrics]:
         if on_call is not None:
             on_call(config)
-        return clipped_policy_loss(
-            name, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+        method = get_method(name)
+        hp = method_hparams(name, config)
+        _check_inputs(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, rollout_is_weights)
+        terms = token_terms(old_log_prob, log_prob, response_mask)
+        window = method.weight(terms, hp)
+        mask = terms.mask
+
+        weight = torch.exp(window.log_weight)
+        low, high = (
+            torch.as_tensor(b, dtype=weight.dtype, device=weight.device) for b in (window.low, window.high)
         )
+        clipped_weight = torch.clamp(weight, min=low, max=high)
+        loss_unclipped = -advantages * weight
+        loss_clipped = -advantages * clipped_weight
+        loss = torch.maximum(loss_unclipped, loss_clipped)
+        metrics: Metrics = {
+            "actor/pg_clipfrac": masked_mean(torch.gt(loss_clipped, loss_unclipped).float(), mask)
+        }
+        if window.dual_clip is None:
+            metrics["actor/pg_clipfrac_lower"] = torch.zeros((), device=log_prob.device)
+        else:
+            loss_dual = -advantages * window.dual_clip
+            metrics["actor/pg_clipfrac_lower"] = masked_mean(
+                (torch.gt(loss, loss_dual) & (advantages < 0)).float(), mask
+            )
+            loss = torch.where(advantages < 0, torch.minimum(loss, loss_dual), loss)
+        if rollout_is_weights is not None:
+            loss = loss * rollout_is_weights
+
+        agg_mode = method.fixed_agg_mode or loss_agg_mode
+        pg_loss = agg_loss(loss, response_mask, agg_mode, **_global_batch_info(config))
+
+        with torch.no_grad():
+            below = (weight < low) & response_mask.bool()
+            above = (weight > high) & response_mask.bool()
+            metrics["actor/ppo_kl"] = masked_mean(-terms.log_ratio, mask)
+            metrics["ctpo/is_weight_mean"] = masked_mean(weight, mask)
+            metrics["ctpo/is_weight_max"] = torch.where(response_mask.bool(), weight, 0.0).max()
+            metrics["ctpo/clip_low_frac"] = masked_mean(below.float(), mask)
+            metrics["ctpo/clip_high_frac"] = masked_mean(above.float(), mask)
+            metrics["ctpo/cum_log_ratio_abs_mean"] = masked_mean(terms.cum_log_ratio.abs(), mask)
+            accumulator = diagnostics.active()
+            if accumulator is not None:
+                accumulator.record(terms.cum_log_ratio, terms.log_ratio, terms.position, mask, below, above)
+        return pg_loss, {k: v.detach() for k, v in metrics.items()}
 
     policy_loss.__name__ = f"policy_loss_{name.replace('-', '_')}"
     policy_loss.__doc__ = f"{name}: {METHODS[name].ratio}; {METHODS[name].clip_rule}."

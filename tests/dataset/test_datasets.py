@@ -154,7 +154,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "problems"), [("aime25", 30), ("aime26", 30), ("hmmt_nov_2025", 30), ("brumo_2025", 30), ("aime24", 30)]
+    ("name", "problems"),
+    [("aime25", 30), ("aime26", 30), ("hmmt_nov_2025", 30), ("brumo_2025", 30), ("aime24", 30)],
 )
 def test_competition_sets_are_shipped(tmp_path: Path, name: str, problems: int) -> None:
     """Offline, with nothing prepared, every competition set loads from the copy shipped in the package."""

@@ -37,6 +37,7 @@ from ctpo_cli.eval.metrics import pass_at_k, summarize
 from ctpo_cli.eval.runner import resolve_model, run_eval
 from ctpo_cli.eval.settings import EvalSettings
 from ctpo_cli.tir.protocol import format_tool_output
+from sandbox.client import SandboxUnavailable
 from sandbox.server import running_service
 
 SYSTEM = "Use python."
@@ -473,7 +474,9 @@ def test_an_unhealthy_sandbox_fails_before_the_model_loads(
     tiny_model: Path, bench_file: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     forbid_model(monkeypatch)
-    with pytest.raises(ValueError, match=r"sandbox service at http://127\.0\.0\.1:9 does not answer /health"):
+    with pytest.raises(
+        SandboxUnavailable, match=r"sandbox service at http://127\.0\.0\.1:9 does not answer /health"
+    ):
         run_eval(
             settings(tiny_model, bench_file, workdir / "out", sandbox_url="http://127.0.0.1:9"), Console()
         )
@@ -487,9 +490,10 @@ def test_a_benchmark_named_twice_is_refused(tmp_path: Path) -> None:
 
 def test_offline_benchmark_error_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # no hub, even on a machine with internet
-    result = run_cli("eval", "--model", "m", "--benchmarks", "aime25", cwd=tmp_path)
+    # the competition sets ship with ctpo; a registry dataset that does not (DeepScaleR) needs the hub
+    result = run_cli("eval", "--model", "m", "--benchmarks", "deepscaler", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert "ctpo data prepare --from-file aime25=FILE" in result.stderr
+    assert "ctpo data prepare --from-file deepscaler=FILE" in result.stderr
     assert not (tmp_path / "evals").exists()  # nothing written for a failed start
 
 

@@ -22,9 +22,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from ctpo_cli.cli import app
 from ctpo_cli.theory import exact as th
 from ctpo_cli.theory.figure import plot_variance_by_position
-from ctpo_cli.cli import app
 
 Prefix = tuple[int, ...]
 StateOf = Callable[[Prefix], int]

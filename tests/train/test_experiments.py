@@ -297,3 +297,26 @@ def test_without_gpus_one_line_names_the_alternatives(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert "needs GPUs and verl" in lines[0] and "--backend local" in lines[0] and "--dry-run" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_experiment_files_state_the_methods_defaults(
+    jobs: dict[tuple[str, str], VerlJob], method: str
+) -> None:
+    """experiments/method/<m>.yaml and ctpo_cli.algo.defaults (the one source the losses and the
+    diagnostics use) must agree on every hyperparameter the method has."""
+    from ctpo_cli.algo import defaults, diagnostics
+
+    job = jobs[method, "Qwen3-14B"]
+    actor = job.config.actor_rollout_ref.actor
+    stated = {
+        **{k: actor[k] for k in ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c")},
+        **job.experiment.ctpo.loss,
+    }
+    for key, value in METHODS[method].defaults.items():
+        assert stated[key] == pytest.approx(value, rel=1e-12), key
+    source = {"grpo": defaults.PPO, "seq-is": defaults.PPO, "gspo": defaults.GSPO, "ctpo": defaults.CTPO}
+    assert METHODS[method].defaults == dict(source.get(method, defaults.CTPO_FIXED))
+    # the diagnostics' reference windows are the two CTPO variants' windows
+    assert diagnostics.SQRT_WINDOW == (0.025, 0.05, 0.5)
+    assert pytest.approx((-math.log(2.0), math.log(5.0))) == diagnostics.FIXED_WINDOW

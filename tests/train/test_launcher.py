@@ -15,7 +15,7 @@ import pytest
 
 from ctpo_cli.runs import rundir
 from ctpo_cli.train.launcher import LOG_FILE, launch, stream_process
-from sandbox.client import SandboxClient
+from sandbox.client import SandboxClient, SandboxUnavailable
 
 CHILD = r"""
 import json, os, sys
@@ -102,7 +102,9 @@ def test_an_existing_sandbox_is_used_and_left_alone(tmp_path: Path, mlflow_db: s
 
 
 def test_a_sandbox_url_that_does_not_answer_is_one_error(tmp_path: Path, mlflow_db: str) -> None:
-    with pytest.raises(ValueError, match=r"sandbox service at http://127\.0\.0\.1:9 does not answer /health"):
+    with pytest.raises(
+        SandboxUnavailable, match=r"sandbox service at http://127\.0\.0\.1:9 does not answer /health"
+    ):
         launch(
             [sys.executable, "-c", "print('never')"], tmp_path / "run", INFO, sandbox_url="http://127.0.0.1:9"
         )
