@@ -42,13 +42,21 @@ def clean_plugin() -> Iterator[None]:
 
 
 def broken_plugin_package(root: Path) -> Path:
-    """A `ctpo_cli` package with the real verl_plugin.py and losses.py but a diagnostics.py that raises."""
+    """A `ctpo_cli` package with the real plugin and losses but an algo/diagnostics.py that raises."""
     package = root / "ctpo_cli"
-    package.mkdir(parents=True)
     real = Path(ctpo_cli.__file__).parent
-    for name in ("__init__.py", "verl_plugin.py", "losses.py"):
+    for name in (
+        "__init__.py",
+        "train/__init__.py",
+        "train/verl/__init__.py",
+        "train/verl/plugin.py",
+        "algo/__init__.py",
+        "algo/defaults.py",
+        "algo/losses.py",
+    ):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(real / name, package / name)
-    (package / "diagnostics.py").write_text(
+    (package / "algo" / "diagnostics.py").write_text(
         'raise ImportError("simulated broken dependency of diagnostics")\n'
     )
     return package
@@ -330,4 +338,4 @@ def test_plugin_import_failure_is_loud(slow_jobs: dict[str, Any]) -> None:
     assert stdout.strip().splitlines()[-1] == "[]"  # ... and the losses are missing
     assert LOUD_FAILURE in stderr  # ... but the plugin said so, with the cause
     assert "simulated broken dependency of diagnostics" in stderr
-    assert str(slow_jobs["package"] / "verl_plugin.py") in stderr
+    assert str(slow_jobs["package"] / "train" / "verl" / "plugin.py") in stderr

@@ -49,6 +49,10 @@ class TaskConfig:
     """Most values a problem's count has (response length grows with it: ~6 tokens per value)."""
     num_eval_problems: int = 64
     """Held-out problems of the validation curve and of the quickstart's ``ctpo eval``."""
+    system_prompt: str = ""
+    """A system message before each problem ("": none). The verl engine's agent loop adds the long
+    ``ctpo_cli.tir.protocol.SYSTEM_PROMPT`` to prompts without one, too long for a tiny model, so the
+    tiny verl preset sets a short one here."""
 
 
 @dataclass
@@ -65,6 +69,10 @@ class WarmStartConfig:
     """Supervised optimizer steps (cached in ``runs/.warmstart/`` by config and seed)."""
     careless_frac: float = 0.5
     """Fraction of demonstrations that box the last value instead of the count, in [0, 1]."""
+    tool_frac: float = 0.0
+    """Fraction of demonstrations that solve the problem with one ```python block instead (a turn
+    ending with the block, the tool's output, then the boxed count), in [0, 1]. Only the verl engine
+    runs tools (its agent loop calls the sandbox); the local engine requires 0."""
     batch_size: int = 32
     """Demonstrations per supervised step."""
     lr: float = 1e-2
@@ -151,8 +159,14 @@ def build_config(preset: str = "tiny", overrides: list[str] | None = None) -> Lo
             raise ValueError(f"bad override {item!r} ({type(error).__name__}); valid keys: {valid}") from None
     config = OmegaConf.to_object(merged)
     assert isinstance(config, LocalConfig)
-    if not 0.0 <= config.warmstart.careless_frac <= 1.0:
-        raise ValueError(f"warmstart.careless_frac must be in [0, 1], got {config.warmstart.careless_frac}")
+    for key in ("careless_frac", "tool_frac"):
+        value = getattr(config.warmstart, key)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"warmstart.{key} must be in [0, 1], got {value}")
+    if config.warmstart.careless_frac + config.warmstart.tool_frac > 1.0:
+        raise ValueError(
+            "warmstart.careless_frac + warmstart.tool_frac must be at most 1 (shares of one set)"
+        )
     if config.rl.prompts_per_step * config.rl.samples_per_prompt % config.rl.minibatches:
         raise ValueError("rl.prompts_per_step * rl.samples_per_prompt must be divisible by rl.minibatches")
     return config

@@ -58,9 +58,20 @@ class Problem:
         boxed = self.target if careless else self.count
         return "\n".join([*lines, f"So \\boxed{{{boxed}}}"])
 
-    def messages(self) -> list[dict[str, str]]:
-        """The chat prompt (verl's ``prompt`` column)."""
-        return [{"role": "user", "content": self.question}]
+    @property
+    def program(self) -> str:
+        """A one-line Python program whose output is the answer."""
+        return f"print(len(range({self.start}, {self.target + 1}, {self.step})))"
+
+    def tool_solution(self) -> tuple[str, str]:
+        """A tool-integrated solution (``ctpo_cli.tir.protocol``): a first turn that ends with a
+        ```````python`` block computing the count, and, after the tool's output, a final boxed turn."""
+        return f"```python\n{self.program}\n```", f"So \\boxed{{{self.count}}}"
+
+    def messages(self, system_prompt: str = "") -> list[dict[str, str]]:
+        """The chat prompt (verl's ``prompt`` column), with a system message when one is given."""
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        return [*system, {"role": "user", "content": self.question}]
 
 
 def sample_problems(config: TaskConfig, count: int, rng: np.random.Generator) -> list[Problem]:
@@ -80,13 +91,13 @@ def eval_problems(config: TaskConfig, seed: int) -> list[Problem]:
     return sample_problems(config, config.num_eval_problems, np.random.default_rng([seed, 2]))
 
 
-def to_verl_frame(problems: list[Problem], split: str) -> pd.DataFrame:
+def to_verl_frame(problems: list[Problem], split: str, system_prompt: str = "") -> pd.DataFrame:
     """Problems in verl's parquet schema (the schema of ``ctpo eval`` benchmarks)."""
     return pd.DataFrame(
         {
             "id": [f"{DATA_SOURCE}-{split}-{i}" for i in range(len(problems))],
             "data_source": DATA_SOURCE,
-            "prompt": [p.messages() for p in problems],
+            "prompt": [p.messages(system_prompt) for p in problems],
             "ability": "math",
             "reward_model": [{"ground_truth": str(p.answer), "style": "rule"} for p in problems],
             "extra_info": [{"index": i, "split": split} for i in range(len(problems))],
@@ -97,5 +108,5 @@ def to_verl_frame(problems: list[Problem], split: str) -> pd.DataFrame:
 def write_eval_set(path: Path, config: TaskConfig, seed: int) -> Path:
     """Write the held-out problems as a verl-format parquet benchmark and return its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_verl_frame(eval_problems(config, seed), "test").to_parquet(path, index=False)
+    to_verl_frame(eval_problems(config, seed), "test", config.system_prompt).to_parquet(path, index=False)
     return path

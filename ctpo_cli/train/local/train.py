@@ -54,20 +54,20 @@ class Rollout:
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> str:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, problem: Problem, system_prompt: str = "") -> str:
     """The problem as chat-template text ending with the assistant header (Qwen3: no thinking)."""
     text = tokenizer.apply_chat_template(
-        problem.messages(), add_generation_prompt=True, tokenize=False, enable_thinking=False
+        problem.messages(system_prompt), add_generation_prompt=True, tokenize=False, enable_thinking=False
     )
     assert isinstance(text, str)
     return text
 
 
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, problems: list[Problem], device: str
+    tokenizer: PreTrainedTokenizerBase, problems: list[Problem], device: str, system_prompt: str = ""
 ) -> dict[str, torch.Tensor]:
     """Chat-formatted prompts, left-padded (generation appends on the right)."""
-    texts = [chat_prompt(tokenizer, p) for p in problems]
+    texts = [chat_prompt(tokenizer, p, system_prompt) for p in problems]
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return {k: v.to(device) for k, v in batch.items()}
@@ -79,20 +79,22 @@ def sample_responses(
     tokenizer: PreTrainedTokenizerBase,
     problems: list[Problem],
     samples: int,
-    temperature: float,
-    max_new_tokens: int,
+    config: LocalConfig,
     device: str,
 ) -> Rollout:
-    """``samples`` responses per problem (grouped: problem i owns rows i*samples .. i*samples+samples-1)."""
-    prompts = encode_prompts(tokenizer, [p for p in problems for _ in range(samples)], device)
+    """``samples`` responses per problem (grouped: problem i owns rows i*samples .. i*samples+samples-1),
+    at ``rl.temperature``, at most ``rl.max_new_tokens`` each."""
+    prompts = encode_prompts(
+        tokenizer, [p for p in problems for _ in range(samples)], device, config.task.system_prompt
+    )
     model.eval()
     output = model.generate(  # type: ignore[operator]
         **prompts,
         do_sample=True,
-        temperature=temperature,
+        temperature=config.rl.temperature,
         top_p=1.0,
         top_k=0,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=config.rl.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -147,9 +149,7 @@ def avg_at_k(
     Sampling is seeded from the problems, so every method and step is judged on the same draws.
     """
     torch.manual_seed(len(problems) * 7919 + k)
-    rollout = sample_responses(
-        model, tokenizer, problems, k, config.rl.temperature, config.rl.max_new_tokens, device
-    )
+    rollout = sample_responses(model, tokenizer, problems, k, config, device)
     correct = score_batch(rollout.texts, [str(p.answer) for p in problems for _ in range(k)])
     return float(np.mean(correct))
 
@@ -166,6 +166,60 @@ def warmstart_key(config: LocalConfig, seed: int, model: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def demonstration(
+    tokenizer: PreTrainedTokenizerBase, problem: Problem, config: LocalConfig, careless: bool, tool: bool
+) -> tuple[list[int], list[bool]]:
+    """One demonstration as token ids and which of them are trained on (the assistant's).
+
+    A plain one is the worked solution (careless: the wrong box, see ``WarmStartConfig``). A tool one
+    is a turn ending with a ```````python`` block, the tool's message as the chat template renders it
+    (what verl's agent loop appends; not trained on), then the boxed count. Each assistant turn ends
+    with the end-of-turn token.
+    """
+    from ctpo_cli.tir.protocol import FINISHED, format_tool_output
+
+    if tool:
+        code_turn, final_turn = problem.tool_solution()
+        output = format_tool_output(f"{problem.count}\n", "", FINISHED, False)
+        tool_text = tokenizer.apply_chat_template(
+            [{"role": "tool", "content": output}], add_generation_prompt=True, tokenize=False
+        )
+        turns = [
+            (code_turn + tokenizer.eos_token, True),
+            (str(tool_text), False),
+            (final_turn + tokenizer.eos_token, True),
+        ]
+    else:
+        turns = [(problem.solution(careless) + tokenizer.eos_token, True)]
+    segments = [(chat_prompt(tokenizer, problem, config.task.system_prompt), False), *turns]
+    ids: list[int] = []
+    trained: list[bool] = []
+    for text, train in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        trained += [train] * len(piece)
+    return ids, trained
+
+
+def pad_demonstrations(
+    demos: list[tuple[list[int], list[bool]]], pad_id: int, device: str
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 where not trained on)."""
+    length = max(len(ids) for ids, _ in demos)
+    input_ids = torch.full((len(demos), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(demos), length), dtype=torch.long)
+    labels = torch.full((len(demos), length), -100, dtype=torch.long)
+    for row, (ids, trained) in enumerate(demos):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        labels[row, : len(ids)] = torch.where(torch.tensor(trained), torch.tensor(ids), -100)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention.to(device),
+        "labels": labels.to(device),
+    }
+
+
 def supervised_warmstart(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -177,28 +231,24 @@ def supervised_warmstart(
     """Teacher-forced cross-entropy on worked solutions (response tokens only), a
     ``warmstart.careless_frac`` share of them careless (see ``WarmStartConfig``)."""
     rng = np.random.default_rng([seed, 0])
+    ws = config.warmstart
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmstart.lr)
     steps = config.warmstart.steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / 20) * (1 - i / steps)
     )
     model.train()
-    tokenizer.padding_side = "right"
     with _progress(console) as progress:
         task = progress.add_task("warm start (supervised)", total=config.warmstart.steps, metric="")
         for _ in range(config.warmstart.steps):
             problems = sample_problems(config.task, config.warmstart.batch_size, rng)
-            prompts = [chat_prompt(tokenizer, p) for p in problems]
-            careless = rng.random(len(problems)) < config.warmstart.careless_frac
-            full = [
-                prompt + p.solution(bool(c)) + tokenizer.eos_token
-                for prompt, p, c in zip(prompts, problems, careless, strict=True)
+            kinds = rng.random(len(problems))
+            demos = [
+                demonstration(tokenizer, p, config, careless=u < ws.careless_frac, tool=u >= 1 - ws.tool_frac)
+                for p, u in zip(problems, kinds, strict=True)
             ]
-            batch = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            for row, prompt in enumerate(prompts):
-                labels[row, : len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] = -100
-            loss = model(**batch, labels=labels).loss
+            batch = pad_demonstrations(demos, tokenizer.pad_token_id, device)
+            loss = model(**batch).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -248,9 +298,7 @@ def rl_step(
     rl = config.rl
     loss_fn = get_policy_loss(method)
     start = time.perf_counter()
-    rollout = sample_responses(
-        model, tokenizer, problems, rl.samples_per_prompt, rl.temperature, rl.max_new_tokens, device
-    )
+    rollout = sample_responses(model, tokenizer, problems, rl.samples_per_prompt, config, device)
     generated = time.perf_counter()
     truths = [str(p.answer) for p in problems for _ in range(rl.samples_per_prompt)]
     rewards = torch.tensor(score_batch(rollout.texts, truths), dtype=torch.float32, device=device)
@@ -375,6 +423,11 @@ def train_local(
         seed, model = info["seed"], info["model_path"]
     else:
         config = build_config(preset, overrides)
+        if config.warmstart.tool_frac > 0:
+            raise ValueError(
+                "warmstart.tool_frac > 0: the local engine runs no tools; train with tool use on verl "
+                "(ctpo train --model tiny-cpu)"
+            )
         run_dir = rundir.claim_run_dir(runs_dir, rundir.run_name(method, model or TINY, seed))
         info = {
             "method": method,
