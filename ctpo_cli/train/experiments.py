@@ -39,6 +39,8 @@ import dataset
 import experiments
 from ctpo_cli.algo.losses import METHODS, get_method, method_hparams
 from ctpo_cli.runs import rundir
+from ctpo_cli.train import synthetic
+from ctpo_cli.train.synthetic import SyntheticSection
 
 EXPERIMENTS_DIR = experiments.directory()
 BASE_FILE = "base.yaml"
@@ -77,7 +79,11 @@ class CtpoSection:
     run_dir: str = ""
     experiments_dir: str = ""
     dataset_dir: str = ""
+    platform: str = "cuda"
+    """Where verl runs: ``cuda`` (GPUs, vLLM rollout) or ``cpu`` (ctpo's CPU platform and transformers
+    rollout, ``ctpo_cli.train.verl.cpu``; set by the ``tiny-cpu`` preset)."""
     sandbox: SandboxSection = field(default_factory=SandboxSection)
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
 
 
 @dataclass(frozen=True)
@@ -278,6 +284,13 @@ def _name_run(merged: DictConfig, runs_dir: Path, experiments_dir: Path) -> None
     merged.ctpo.run_dir = str((runs_dir / name).resolve())
     merged.ctpo.experiments_dir = str(experiments_dir.resolve())
     merged.ctpo.dataset_dir = str(dataset.shipped_dir().resolve())
+    local_preset = merged.ctpo.synthetic.local_preset
+    if local_preset is not None:
+        found = synthetic.paths(
+            local_preset, merged.ctpo.synthetic.train_problems, merged.ctpo.seed, runs_dir
+        )
+        for key, value in found.items():
+            merged.ctpo.synthetic[key] = value
 
 
 def _resolve(merged: DictConfig) -> tuple[CtpoSection, dict[str, Any]]:
