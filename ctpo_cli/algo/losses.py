@@ -415,6 +415,19 @@ def token_terms(
     )
 
 
+def tool_spans(terms: TokenTerms) -> Metrics:
+    """What the loss was given between model tokens, per sequence (mean over the micro-batch):
+    ``ctpo/tool_spans``, runs of masked tokens followed by more model tokens (tool calls in a
+    tool-integrated response), and ``ctpo/tool_tokens``, their tokens. Both are 0 for a single turn;
+    such tokens neither advance t nor enter K_t (method.md (2), (3))."""
+    inside = (terms.mask == 0) & (terms.position > 0) & (terms.position < terms.length)
+    starts = inside[:, 1:] & (terms.mask[:, :-1] > 0)
+    return {
+        "ctpo/tool_spans": starts.sum(-1).float().mean(),
+        "ctpo/tool_tokens": inside.sum(-1).float().mean(),
+    }
+
+
 def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> PolicyLossFn:
     """A function with verl's policy-loss signature computing method ``name``'s loss.
 
@@ -477,6 +490,7 @@ def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> 
             metrics["ctpo/clip_low_frac"] = masked_mean(below.float(), mask)
             metrics["ctpo/clip_high_frac"] = masked_mean(above.float(), mask)
             metrics["ctpo/cum_log_ratio_abs_mean"] = masked_mean(terms.cum_log_ratio.abs(), mask)
+            metrics.update(tool_spans(terms))
             accumulator = diagnostics.active()
             if accumulator is not None:
                 accumulator.record(terms.cum_log_ratio, terms.log_ratio, terms.position, mask, below, above)

@@ -54,6 +54,8 @@ LOSS_MODE_PREFIX = "ctpo/"
 DATA_PATH_KEYS = ("data.train_files", "data.val_files")
 """Keys holding data files: made absolute (Ray workers need not share our working directory)."""
 VERL_ENTRY = "verl.trainer.main_ppo"
+PLATFORMS = ("cuda", "cpu")
+"""``ctpo.platform``: GPUs with vLLM, or this machine's CPU (``ctpo_cli.train.verl.cpu``)."""
 
 
 class BackendUnavailable(ValueError):
@@ -307,6 +309,8 @@ def _resolve(merged: DictConfig) -> tuple[CtpoSection, dict[str, Any]]:
     assert isinstance(tree, dict)
     ctpo = OmegaConf.to_object(merged.ctpo)
     assert isinstance(ctpo, CtpoSection)
+    if ctpo.platform not in PLATFORMS:
+        raise ValueError(f"ctpo.platform must be one of {', '.join(PLATFORMS)}, got {ctpo.platform!r}")
     verl = {str(k): v for k, v in tree.items() if k != "ctpo"}
     _absolute_data_paths(verl)
     return ctpo, verl
@@ -408,8 +412,10 @@ def verl_overrides(experiment: Experiment) -> list[str]:
     """The experiment as ``key=value`` overrides of ``verl.trainer.main_ppo``.
 
     Leaves verl already has become ``key=value``; new keys under a map that is empty in verl's
-    defaults (``data.apply_chat_template_kwargs``, ``engine_kwargs.vllm``, ...) become ``+key=value``;
-    any other new key stays ``key=value`` so that Hydra rejects it as unknown. Then the ``ctpo.loss``
+    defaults (``data.apply_chat_template_kwargs``, ``engine_kwargs.vllm``, ...) become ``+key=value``,
+    and so does every leaf under a key the file writes with a leading ``+`` (``+mixed_precision:``, a
+    section verl's schema lacks but its code reads); any other new key stays ``key=value`` so that
+    Hydra rejects it as unknown. Then the ``ctpo.loss``
     fields and the per-position diagnostics settings (``+...policy_loss.ctpo_*``), Hydra's own output
     directory (inside the run directory), then the ``+``/``~`` command-line overrides verbatim.
     """
@@ -426,6 +432,9 @@ def verl_overrides(experiment: Experiment) -> list[str]:
 
 def _tree_overrides(node: Mapping[str, Any], defaults: Any, prefix: str) -> Iterator[str]:
     for key, value in node.items():
+        if key.startswith("+"):  # a key verl's schema lacks, added on purpose (Hydra's own syntax)
+            yield from (f"+{leaf}" for leaf in _tree_overrides({key[1:]: value}, None, prefix))
+            continue
         path = f"{prefix}{key}"
         known = isinstance(defaults, dict) and key in defaults
         default = defaults[key] if known else None

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from rich.console import Console
 
 from ctpo_cli.runs import rundir, tracking
+from ctpo_cli.train import synthetic
 from ctpo_cli.train.experiments import (
     DATA_PATH_KEYS,
     BackendUnavailable,
@@ -45,6 +47,8 @@ from ctpo_cli.train.experiments import (
     build_job,
     compose_experiment,
 )
+from ctpo_cli.train.verl.cpu import ENV as CPU_ENV
+from ctpo_cli.train.verl.cpu import PLATFORM as CPU_PLATFORM
 from sandbox.process import TERMINATE_GRACE_S, stop_process_group
 
 LOG_FILE = "train.log"
@@ -83,12 +87,15 @@ def train_verl(
     experiment = compose_experiment(method, model, seed, experiment_files, overrides, runs_dir)
     if not dry_run:
         require_backend(
-            int(experiment.verl["trainer"]["n_gpus_per_node"]), int(experiment.verl["trainer"]["nnodes"])
+            experiment.ctpo.platform,
+            int(experiment.verl["trainer"]["n_gpus_per_node"]),
+            int(experiment.verl["trainer"]["nnodes"]),
         )
     job = build_job(experiment)
     if dry_run:
         print_dry_run(job, sandbox_url or experiment.ctpo.sandbox.url)
         return None
+    synthetic.prepare(experiment.ctpo.synthetic, experiment.ctpo.seed, Path(runs_dir), Console())
     missing = missing_data_files(experiment)
     if missing:
         raise FileNotFoundError(
@@ -102,6 +109,7 @@ def train_verl(
         sandbox_url=sandbox_url or experiment.ctpo.sandbox.url,
         mlflow_experiment=str(job.config.trainer.project_name),
         files={EXPERIMENT_FILE: experiment_yaml(experiment), VERL_CONFIG_FILE: OmegaConf.to_yaml(job.config)},
+        platform_env=platform_env(experiment.ctpo.platform),
     )
     if code != 0:
         raise TrainingFailed(f"verl exited with code {code}; see {run_dir / LOG_FILE}", code)
@@ -112,8 +120,13 @@ def train_verl(
 # Checks before a launch
 
 
-def require_backend(n_gpus: int, nnodes: int = 1) -> None:
-    """One-line BackendUnavailable unless verl, vLLM and enough CUDA GPUs are here (issue 9)."""
+def require_backend(platform: str, n_gpus: int, nnodes: int = 1) -> None:
+    """One-line BackendUnavailable unless verl, vLLM and enough CUDA GPUs are here (issue 9); on the
+    ``cpu`` platform, verl alone."""
+    if platform == CPU_PLATFORM:
+        if find_spec("verl") is None:
+            raise BackendUnavailable("this run needs verl (pip install 'ctpo[verl]'); it needs no GPU")
+        return
     problems = [f"{name} is not installed" for name in ("verl", "vllm") if find_spec(name) is None]
     visible = _cuda_devices()
     if visible == 0:
@@ -155,7 +168,7 @@ def print_dry_run(job: VerlJob, sandbox_url: str | None) -> None:
     print(OmegaConf.to_yaml(job.config, resolve=True))
     env = launch_env(
         experiment.run_dir, sandbox_url or "<sandbox started by ctpo train>", "<created by ctpo train>"
-    )
+    ) | platform_env(experiment.ctpo.platform)
     print("# command, run by `ctpo train` with this environment:")
     for key, value in env.items():
         print(f"#   {key}={value}")
@@ -202,6 +215,12 @@ def run_info(job: VerlJob, overrides: list[str]) -> dict[str, Any]:
     }
 
 
+def platform_env(platform: str) -> dict[str, str]:
+    """What the platform adds to verl's environment: the CPU platform's selection and settings
+    (``ctpo_cli.train.verl.cpu.ENV``), nothing for GPUs."""
+    return dict(CPU_ENV) if platform == CPU_PLATFORM else {}
+
+
 def launch_env(run_dir: Path, sandbox_url: str, mlflow_run_id: str) -> dict[str, str]:
     """Environment of the verl process (inherited by the Ray cluster it starts, workers included)."""
     return {
@@ -231,8 +250,10 @@ def launch(
     sandbox_url: str | None = None,
     mlflow_experiment: str = "ctpo-verl",
     files: Mapping[str, str] | None = None,
+    platform_env: Mapping[str, str] | None = None,
 ) -> int:
     """Run ``command`` as the training process of ``run_dir`` (see the module docstring); its exit code.
+    ``platform_env`` is added to its environment (:func:`platform_env`).
 
     KeyboardInterrupt is re-raised after the run is recorded as killed.
     """
@@ -259,7 +280,7 @@ def launch(
             run_id = tracking.create_run(
                 mlflow_experiment, run_dir.name, mlflow_params(record), mlflow_tags(record)
             )
-            env = launch_env(run_dir, sandbox.url, run_id)
+            env = {**launch_env(run_dir, sandbox.url, run_id), **(platform_env or {})}
             record.update(status="running", mlflow_run_id=run_id, mlflow_experiment=mlflow_experiment)
             record["sandbox_url"] = sandbox.url
             rundir.write_run_info(run_dir, record)

@@ -26,7 +26,7 @@ from ctpo_cli.train.experiments import (
     model_presets,
 )
 
-PRESETS = ("Qwen3-4B", "Qwen3-14B", "qwen3-0.6b-1gpu")
+PRESETS = ("Qwen3-4B", "Qwen3-14B", "qwen3-0.6b-1gpu", "tiny-cpu")
 
 
 @pytest.fixture(scope="module")

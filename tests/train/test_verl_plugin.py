@@ -50,6 +50,7 @@ def broken_plugin_package(root: Path) -> Path:
         "train/__init__.py",
         "train/verl/__init__.py",
         "train/verl/plugin.py",
+        "train/verl/cpu/__init__.py",
         "algo/__init__.py",
         "algo/defaults.py",
         "algo/losses.py",

@@ -129,7 +129,8 @@ class LocalConfig:
 
 def presets() -> dict[str, Path]:
     """The local presets: ``experiments/local/<name>.yaml``."""
-    return {path.stem: path for path in sorted((experiments.directory() / "local").glob("*.yaml"))}
+    found = (experiments.directory() / "local").glob("*.yaml")
+    return {path.stem: path for path in sorted(found, key=lambda path: path.stem)}
 
 
 def build_config(preset: str = "tiny", overrides: list[str] | None = None) -> LocalConfig:

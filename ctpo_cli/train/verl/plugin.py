@@ -19,6 +19,9 @@ process (driver and Ray workers), so this module runs wherever a verl actor comp
   optimizer-step hook (``torch.optim.Optimizer`` global post hook) marks mini-batch ends and flushes
   a file every ``ctpo_minibatches_per_step`` optimizer steps, i.e. once per training step.
 
+* The CPU platform (:mod:`ctpo_cli.train.verl.cpu`) is registered only when ``VERL_PLATFORM=cpu``;
+  a GPU run imports none of it.
+
 verl logs a plugin that fails to import at DEBUG level only; this module instead prints the error
 to stderr with its traceback before re-raising (and the launcher's config validation fails early in
 the driver when the chosen loss mode is not registered).
@@ -41,6 +44,10 @@ try:
 
     from ctpo_cli.algo import diagnostics
     from ctpo_cli.algo.losses import METHODS, get_policy_loss
+    from ctpo_cli.train.verl import cpu
+
+    if cpu.selected():  # VERL_PLATFORM=cpu (the tiny-cpu preset): verl on this machine's CPU
+        cpu.register()
 except Exception:  # pragma: no cover - exercised by the loud-failure test in a subprocess
     sys.stderr.write(
         "ctpo: the verl plugin ctpo_cli.train.verl.plugin failed to import; ctpo/* losses are NOT registered:\n"
