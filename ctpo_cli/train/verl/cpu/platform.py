@@ -126,7 +126,7 @@ class PlatformCPU(PlatformBase):
         # Never auto-detected: selected explicitly with VERL_PLATFORM=cpu.
         return False
 
-    def current_device(self) -> int:  # type: ignore[override]  # see internals.cpu_device_id
+    def current_device(self) -> int:  # returns the string "cpu": see internals.cpu_device_id
         _check_device_id_once()
         return internals.cpu_device_id()  # type: ignore[return-value]
 

@@ -345,12 +345,15 @@ class CpuReplica(RolloutReplica):
 # ---------------------------------------------------------------------------------------------
 # In-worker adapter
 # ---------------------------------------------------------------------------------------------
-async def _iterate(weights: Iterable | AsyncIterator) -> AsyncIterator[tuple[str, torch.Tensor]]:
-    if hasattr(weights, "__aiter__"):
-        async for item in weights:  # type: ignore[union-attr]
+async def _iterate(
+    weights: Iterable[tuple[str, torch.Tensor]] | AsyncIterator[tuple[str, torch.Tensor]],
+) -> AsyncIterator[tuple[str, torch.Tensor]]:
+    """verl hands the weights over as a plain or an async iterator, depending on the engine."""
+    if isinstance(weights, AsyncIterator):
+        async for item in weights:
             yield item
     else:
-        for item in weights:  # type: ignore[union-attr]
+        for item in weights:
             yield item
 
 
