@@ -80,7 +80,12 @@ def train(
     ),
     preset: str = typer.Option("tiny", help="local: configuration preset."),
     device: str = typer.Option("cpu", help="local: cpu or cuda."),
-    resume: bool = typer.Option(False, "--resume", help="local: continue the latest interrupted run."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="local: continue the latest interrupted run; verl: continue the latest run of the method "
+        "from its last verl checkpoint (e.g. with a larger trainer.total_training_steps).",
+    ),
 ) -> None:
     """Train one method: a verl job built from experiments/ (default) or the local backend."""
     from ctpo_cli.algo.losses import get_method
@@ -108,7 +113,9 @@ def train(
     from ctpo_cli.train.launcher import TrainingFailed, train_verl
 
     try:
-        run_dir = train_verl(method, model, seed, experiment, overrides or [], out, dry_run, sandbox_url)
+        run_dir = train_verl(
+            method, model, seed, experiment, overrides or [], out, dry_run, sandbox_url, resume=resume
+        )
     except TrainingFailed as failure:
         Console(stderr=True).print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
         raise typer.Exit(failure.code) from None

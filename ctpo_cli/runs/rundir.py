@@ -66,9 +66,29 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 def append_metrics(run_dir: Path, step: int, metrics: Mapping[str, float]) -> None:
     """Append one step's metrics as a JSON line (non-finite values become null)."""
-    row = {"step": step, **{k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}}
     with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(_metrics_row(step, metrics)) + "\n")
+
+
+def _metrics_row(step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
+    """``{"step": k, name: value}``, non-finite values as null."""
+    return {"step": step, **{k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}}
+
+
+def write_metrics(run_dir: Path, steps: Mapping[int, Mapping[str, float]]) -> None:
+    """Atomically (re)write ``metrics.jsonl`` with one row per step, in step order."""
+    rows = [_metrics_row(step, metrics) for step, metrics in sorted(steps.items())]
+    tmp = run_dir / (METRICS_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(run_dir / METRICS_FILE)
+
+
+def read_metric_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` as written (none when there is no file)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_metrics(run_dir: Path) -> pd.DataFrame:

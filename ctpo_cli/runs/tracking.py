@@ -6,7 +6,8 @@ overrides it (verl's MLflow logger reads the same variable).
 
 Lifecycle, the same for every run (local training, ``ctpo eval``, a verl launch):
 
-* :func:`create_run` makes the run (experiment created on first use), with tags and params;
+* :func:`create_run` makes the run (experiment created on first use), with tags and params, and
+  :func:`reopen_run` continues an ended one (a resumed training);
 * :func:`log_metrics` / :func:`log_artifacts` add to it by run id (no global "active run");
 * :func:`end_run` records FINISHED, FAILED or KILLED.
 
@@ -131,6 +132,11 @@ def log_artifacts(run_id: str, paths: Sequence[Path], artifact_path: str | None 
             mlflow.log_artifact(run_id, str(path), artifact_path)
 
 
+def reopen_run(run_id: str) -> None:
+    """Mark an ended run RUNNING again: it is being continued (a resumed training)."""
+    client().update_run(run_id, status="RUNNING")
+
+
 def end_run(run_id: str, status: str) -> None:
     """Record the run's final status: ``finished``, ``failed`` or ``killed`` (MLflow's names)."""
     client().set_terminated(run_id, status=STATUSES[status])
@@ -150,7 +156,7 @@ def mlflow_run(
         run_id = create_run(experiment, run_name, params, tags)
     else:
         log_params(run_id, params)
-        client().update_run(run_id, status="RUNNING")
+        reopen_run(run_id)
     try:
         yield run_id
     except KeyboardInterrupt:

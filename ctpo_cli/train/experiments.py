@@ -81,6 +81,8 @@ class CtpoSection:
     run_dir: str = ""
     experiments_dir: str = ""
     dataset_dir: str = ""
+    resume_step: int = 0
+    """Filled in by ``ctpo train --resume``: the step of the verl checkpoint the run continues from."""
     platform: str = "cuda"
     """Where verl runs: ``cuda`` (GPUs, vLLM rollout) or ``cpu`` (ctpo's CPU platform and transformers
     rollout, ``ctpo_cli.train.verl.cpu``; set by the ``tiny-cpu`` preset)."""
@@ -139,12 +141,15 @@ def compose_experiment(
     overrides: Sequence[str] = (),
     runs_dir: str | Path = rundir.RUNS_DIR,
     experiments_dir: Path = EXPERIMENTS_DIR,
+    run_name: str | None = None,
+    resume_step: int = 0,
 ) -> Experiment:
     """Compose base, method, model preset, extra files, seed and ``key=value`` overrides, then resolve.
 
     ``model`` is a preset name (``Qwen3-14B`` -> ``model/qwen3-14b.yaml``), a preset file, or a model
     path / Hugging Face id (the base layout with ``actor_rollout_ref.model.path`` set); None means
-    :data:`DEFAULT_MODEL`.
+    :data:`DEFAULT_MODEL`. ``run_name``: the name of an existing run to continue (default: a new one),
+    from its verl checkpoint of step ``resume_step``.
     """
     get_method(method)
     plain, passthrough = _split_overrides(overrides)
@@ -156,10 +161,12 @@ def compose_experiment(
     ]
     if seed is not None:
         layers.append(Layer("--seed", OmegaConf.create({"ctpo": {"seed": seed}})))
+    if resume_step:
+        layers.append(Layer("--resume", OmegaConf.create({"ctpo": {"resume_step": resume_step}})))
     if plain:
         layers.append(Layer("command line", _dotlist(plain)))
     merged, sources = _merge(layers)
-    _name_run(merged, Path(runs_dir), experiments_dir)
+    _name_run(merged, Path(runs_dir), experiments_dir, run_name)
     ctpo, verl = _resolve(merged)
     _check_method(ctpo, method, verl, sources)
     files_used = tuple(Path(s) for s in dict.fromkeys(sources.values()) if s.endswith((".yaml", ".yml")))
@@ -275,11 +282,11 @@ def _leaf_keys(node: Any, prefix: str = "") -> Iterator[str]:
         yield prefix[:-1]
 
 
-def _name_run(merged: DictConfig, runs_dir: Path, experiments_dir: Path) -> None:
+def _name_run(merged: DictConfig, runs_dir: Path, experiments_dir: Path, name: str | None) -> None:
     """Fill ``ctpo.run_name``, ``ctpo.run_dir``, ``ctpo.experiments_dir`` and ``ctpo.dataset_dir`` (the
     shipped competition sets), all used by interpolations."""
     try:
-        name = rundir.run_name(merged.ctpo.method, merged.ctpo.model, merged.ctpo.seed)
+        name = name or rundir.run_name(merged.ctpo.method, merged.ctpo.model, merged.ctpo.seed)
     except OmegaConfBaseException as error:
         raise ValueError(f"incomplete experiment: {_one_line(error)}") from None
     merged.ctpo.run_name = name
@@ -424,6 +431,7 @@ def verl_overrides(experiment: Experiment) -> list[str]:
         **experiment.ctpo.loss,
         "ctpo_diagnostics_dir": experiment.ctpo.run_dir,
         "ctpo_minibatches_per_step": minibatches_per_step(experiment.verl),
+        "ctpo_start_step": experiment.ctpo.resume_step,
     }
     overrides += [f"+{LOSS_PREFIX}{key}={hydra_value(value)}" for key, value in extra.items()]
     overrides.append(f"hydra.run.dir={hydra_value(experiment.ctpo.run_dir + '/hydra')}")

@@ -37,6 +37,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from ctpo_cli.algo.diagnostics import POSITIONS_DIR
 from ctpo_cli.runs import rundir, tracking
 from ctpo_cli.train import synthetic
 from ctpo_cli.train.experiments import (
@@ -55,6 +56,8 @@ LOG_FILE = "train.log"
 VERL_METRICS_FILE = "verl_metrics.jsonl"
 EXPERIMENT_FILE = "experiment.yaml"
 VERL_CONFIG_FILE = "verl_config.yaml"
+VERL_CHECKPOINT_DIR = "verl_checkpoints"
+"""``trainer.default_local_dir`` of every preset (experiments/base.yaml)."""
 SANDBOX_ENV = "CTPO_SANDBOX_URL"
 INTERRUPT_GRACE_S = 60.0
 """After Ctrl-C, how long verl gets to shut Ray down cleanly before its process group is terminated."""
@@ -77,14 +80,30 @@ def train_verl(
     runs_dir: str | Path = rundir.RUNS_DIR,
     dry_run: bool = False,
     sandbox_url: str | None = None,
+    resume: bool = False,
 ) -> Path | None:
     """Compose, validate and (unless ``dry_run``) launch a verl training run; returns its run directory.
+
+    ``resume`` continues the latest verl run of ``method`` that has a verl checkpoint
+    (:func:`resumable_run`), in its own run directory and MLflow run: verl (``trainer.resume_mode``
+    ``auto``) loads the checkpoint and goes on with the next step, e.g. to a larger
+    ``trainer.total_training_steps``.
 
     ``dry_run`` prints verl's composed config and the exact command, and launches nothing. Without GPUs
     or verl a real launch stops at once with one line naming ``--backend local`` and ``--dry-run``.
     Raises TrainingFailed when verl exits with an error (after recording the run as failed).
     """
-    experiment = compose_experiment(method, model, seed, experiment_files, overrides, runs_dir)
+    previous = resumable_run(Path(runs_dir), method) if resume else None
+    experiment = compose_experiment(
+        method,
+        model,
+        seed,
+        experiment_files,
+        overrides,
+        runs_dir,
+        run_name=previous.name if previous else None,
+        resume_step=verl_checkpoint_step(previous) if previous else 0,
+    )
     if not dry_run:
         require_backend(
             experiment.ctpo.platform,
@@ -110,10 +129,31 @@ def train_verl(
         mlflow_experiment=str(job.config.trainer.project_name),
         files={EXPERIMENT_FILE: experiment_yaml(experiment), VERL_CONFIG_FILE: OmegaConf.to_yaml(job.config)},
         platform_env=platform_env(experiment.ctpo.platform),
+        resume=previous is not None,
     )
     if code != 0:
         raise TrainingFailed(f"verl exited with code {code}; see {run_dir / LOG_FILE}", code)
     return run_dir
+
+
+def resumable_run(runs_dir: Path, method: str) -> Path:
+    """The latest verl run of ``method`` under ``runs_dir`` with a verl checkpoint; FileNotFoundError
+    (one line) when there is none."""
+    for run in reversed(rundir.find_runs(runs_dir)):
+        info = rundir.read_run_info(run)
+        if info.get("backend") == "verl" and info.get("method") == method and verl_checkpoint_step(run):
+            return run
+    raise FileNotFoundError(
+        f"no verl run of {method!r} with a checkpoint under {runs_dir}; start one without --resume"
+    )
+
+
+def verl_checkpoint_step(run_dir: Path) -> int:
+    """The step of the run's latest verl checkpoint (verl's ``latest_checkpointed_iteration.txt``), or 0."""
+    tracker = run_dir / VERL_CHECKPOINT_DIR / "latest_checkpointed_iteration.txt"
+    with contextlib.suppress(OSError, ValueError):
+        return int(tracker.read_text().strip())
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,35 +291,50 @@ def launch(
     mlflow_experiment: str = "ctpo-verl",
     files: Mapping[str, str] | None = None,
     platform_env: Mapping[str, str] | None = None,
+    resume: bool = False,
 ) -> int:
     """Run ``command`` as the training process of ``run_dir`` (see the module docstring); its exit code.
-    ``platform_env`` is added to its environment (:func:`platform_env`).
+    ``platform_env`` is added to its environment (:func:`platform_env`). ``resume``: ``run_dir`` is an
+    earlier run, continued (verl resumes from its checkpoints there) in the same MLflow run.
 
     KeyboardInterrupt is re-raised after the run is recorded as killed.
     """
-    try:
-        run_dir.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        raise ValueError(
-            f"run directory {run_dir} already exists; start the run again for a new name"
-        ) from None
+    previous = rundir.read_run_info(run_dir) if resume else {}
+    if resume:
+        same_config = (run_dir / VERL_CONFIG_FILE).read_text() == (files or {}).get(VERL_CONFIG_FILE)
+        keep_before_resume(run_dir)
+    else:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            raise ValueError(
+                f"run directory {run_dir} already exists; start the run again for a new name"
+            ) from None
     for name, text in (files or {}).items():
         (run_dir / name).write_text(text)
     record = {
+        **previous,
         **info,
         "run_dir": str(run_dir),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "started": previous.get("started", time.strftime("%Y-%m-%dT%H:%M:%S")),
         "status": "starting",
     }
+    if resume:
+        record["resumed"] = [*previous.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S")]
     rundir.write_run_info(run_dir, record)
     status = "failed"
     from sandbox.server import given_or_started  # (FastAPI: imported only for a launch)
 
     try:
         with given_or_started(sandbox_url) as sandbox:
-            run_id = tracking.create_run(
-                mlflow_experiment, run_dir.name, mlflow_params(record), mlflow_tags(record)
-            )
+            if resume and same_config and "mlflow_run_id" in previous:
+                run_id = str(previous["mlflow_run_id"])
+                tracking.reopen_run(run_id)
+            else:  # verl's MLflow logger would refuse the run if one of its params changed
+                tags = mlflow_tags(record)
+                if "mlflow_run_id" in previous:
+                    tags["mlflow.parentRunId"] = str(previous["mlflow_run_id"])
+                run_id = tracking.create_run(mlflow_experiment, run_dir.name, mlflow_params(record), tags)
             env = {**launch_env(run_dir, sandbox.url, run_id), **(platform_env or {})}
             record.update(status="running", mlflow_run_id=run_id, mlflow_experiment=mlflow_experiment)
             record["sandbox_url"] = sandbox.url
@@ -352,9 +407,24 @@ def _copy(chunk: bytes, log: Any) -> None:
 # MLflow and metrics
 
 
+def keep_before_resume(run_dir: Path) -> None:
+    """Before verl continues ``run_dir`` from its checkpoint: its metrics so far go into ``metrics.jsonl``
+    (verl's file logger starts its file afresh), and steps after the checkpoint, which verl will train
+    again, are dropped there and from ``positions/``, so that no step is lost or counted twice."""
+    step = verl_checkpoint_step(run_dir)
+    import_verl_metrics(run_dir)
+    kept = {int(row.pop("step")): row for row in rundir.read_metric_rows(run_dir) if int(row["step"]) <= step}
+    rundir.write_metrics(run_dir, kept)
+    (run_dir / VERL_METRICS_FILE).unlink(missing_ok=True)
+    for path in (run_dir / POSITIONS_DIR).glob("step_*.parquet"):
+        if int(path.stem.removeprefix("step_")) > step:
+            path.unlink()
+
+
 def import_verl_metrics(run_dir: Path) -> int:
-    """Copy verl's file-logger records (``{"step": k, "data": {...}}``) into ``metrics.jsonl``, one row
-    per step (records of the same step merged, numbers only); returns the number of steps."""
+    """verl's file-logger records (``{"step": k, "data": {...}}``) merged into ``metrics.jsonl``: one
+    row per step, records of the same step merged (the later wins, as after a resume that validated
+    again), numbers only, the steps already there kept; returns the number of steps imported."""
     source = run_dir / VERL_METRICS_FILE
     if not source.is_file():
         return 0
@@ -368,6 +438,8 @@ def import_verl_metrics(run_dir: Path) -> int:
                 if isinstance(value, int | float) and not isinstance(value, bool)
             }
             steps.setdefault(int(record["step"]), {}).update(numbers)
-    for step, numbers in sorted(steps.items()):
-        rundir.append_metrics(run_dir, step, numbers)
+    merged = {int(row.pop("step")): row for row in rundir.read_metric_rows(run_dir)}
+    for step, numbers in steps.items():
+        merged[step] = {**merged.get(step, {}), **numbers}
+    rundir.write_metrics(run_dir, merged)
     return len(steps)

@@ -68,6 +68,8 @@ class CTPOPolicyLossConfig(PolicyLossConfig):
         ctpo_diagnostics_dir: run directory where per-position statistics are written (None: off).
         ctpo_minibatches_per_step: optimizer steps per training step (epochs x batch / mini-batch);
             the diagnostics are flushed after this many optimizer steps.
+        ctpo_start_step: training steps done before this process started (a resumed run): the first
+            flush is step ``ctpo_start_step + 1``.
     """
 
     ctpo_clip_low: float | None = None
@@ -76,15 +78,16 @@ class CTPOPolicyLossConfig(PolicyLossConfig):
     ctpo_power: float | None = None
     ctpo_diagnostics_dir: str | None = None
     ctpo_minibatches_per_step: int = 1
+    ctpo_start_step: int = 0
 
 
 class StepFlusher:
     """Optimizer-step hook: one mini-batch per optimizer step, a flush every ``per_step`` of them."""
 
-    def __init__(self, stats: diagnostics.PositionStats, per_step: int) -> None:
+    def __init__(self, stats: diagnostics.PositionStats, per_step: int, start_step: int = 0) -> None:
         self.stats = stats
         self.per_step = max(1, per_step)
-        self.step = 0
+        self.step = start_step
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.stats.end_minibatch()
@@ -124,7 +127,8 @@ def _ensure_diagnostics(config: Any) -> None:
     # the accumulator was deactivated elsewhere: replace its flusher, never stack two
     if _STEP_HOOK is not None:
         _STEP_HOOK.remove()
-    _STEP_HOOK = register_optimizer_step_post_hook(StepFlusher(stats, per_step))
+    start = int(policy_loss.get("ctpo_start_step", 0) or 0)
+    _STEP_HOOK = register_optimizer_step_post_hook(StepFlusher(stats, per_step, start))
 
 
 def registered_names() -> list[str]:

@@ -1,0 +1,221 @@
+"""verl's own trainer on this CPU (issue 14): `ctpo train --model tiny-cpu` runs `python -m
+verl.trainer.main_ppo` (Ray, the PPO trainer, the agent loop with our sandbox tool, an FSDP actor with
+our loss) end to end; the CPU platform's pieces one by one; and a GPU run imports none of them.
+
+The end-to-end runs share one working directory, so the tiny model's warm start is built once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ctpo_cli.algo.losses import METHODS
+from ctpo_cli.runs import rundir
+from ctpo_cli.train.verl.cpu import internals
+
+RUN_TIMEOUT_S = 900
+
+
+def ctpo(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VERL_PLATFORM")}
+    return subprocess.run(
+        [sys.executable, "-m", "ctpo_cli.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+
+
+def runs_of(workdir: Path, method: str) -> list[Path]:
+    return [
+        run for run in rundir.find_runs(workdir / "runs") if rundir.read_run_info(run)["method"] == method
+    ]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("verl-cpu")
+
+
+@pytest.fixture(scope="module")
+def two_step_run(workdir: Path) -> Path:
+    """The issue's command: 2 ctpo steps (validation before and after, a checkpoint at step 2)."""
+    result = ctpo(
+        workdir, "train", "--method", "ctpo", "--model", "tiny-cpu", "trainer.total_training_steps=2"
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = runs_of(workdir, "ctpo")
+    return run
+
+
+def test_a_two_step_ctpo_run_with_tool_calls(workdir: Path, two_step_run: Path) -> None:
+    run = two_step_run
+    metrics = {row["step"]: row for row in rundir.read_metric_rows(run)}
+    assert sorted(metrics) == [0, 1, 2]  # step 0: validation before training
+    for step in (1, 2):
+        row = metrics[step]
+        # our loss ran in the update (verl's own losses emit no ctpo/* metric) ...
+        assert row["actor/ctpo/is_weight_mean"] > 0
+        # ... on tool-integrated trajectories: runs of response_mask 0 between model tokens (tool output)
+        assert row["actor/ctpo/tool_spans"] > 0 and row["actor/ctpo/tool_tokens"] > 0
+        assert row["num_turns/mean"] > 2
+        assert row["timing_s/gen"] > 0 and row["timing_s/update_actor"] > 0
+    assert 0 < metrics[2]["val-core/synthetic_count/acc/mean@2"] <= 1
+    positions = sorted(p.name for p in (run / "positions").glob("*.parquet"))
+    assert positions == ["step_000001.parquet", "step_000002.parquet"]
+    frame = pd.read_parquet(run / "positions" / "step_000002.parquet")
+    assert frame["n"].sum() > 0
+    assert (run / "verl_checkpoints" / "global_step_2" / "actor").is_dir()
+    info = rundir.read_run_info(run)
+    assert info["status"] == "finished" and info["backend"] == "verl"
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow_run = client.get_run(info["mlflow_run_id"])
+    assert mlflow_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "timing_s/step")] == [1, 2]
+
+
+def test_resume_continues_from_the_checkpoint(workdir: Path, two_step_run: Path) -> None:
+    before = {row["step"]: row for row in rundir.read_metric_rows(two_step_run)}
+    result = ctpo(
+        workdir, "train", "-m", "ctpo", "--model", "tiny-cpu", "--resume", "trainer.total_training_steps=3"
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Resuming from" in (two_step_run / "train.log").read_text()
+    rows = rundir.read_metric_rows(two_step_run)
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]  # nothing lost, nothing twice
+    assert rows[1]["timing_s/step"] == before[1]["timing_s/step"]  # the first steps are the first run's
+    assert sorted(p.name for p in (two_step_run / "positions").glob("*.parquet"))[-1] == "step_000003.parquet"
+    assert (two_step_run / "verl_checkpoints" / "global_step_3").is_dir()
+    info = rundir.read_run_info(two_step_run)
+    assert info["status"] == "finished" and len(info["resumed"]) == 1
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    continued = client.get_run(info["mlflow_run_id"])  # a child run: verl refuses changed params
+    assert continued.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(continued.info.run_id, "timing_s/step")] == [3]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "ctpo"])
+def test_every_method_trains_on_verl(workdir: Path, two_step_run: Path, method: str) -> None:
+    result = ctpo(
+        workdir,
+        "train",
+        "--method",
+        method,
+        "--model",
+        "tiny-cpu",
+        "trainer.total_training_steps=1",
+        "trainer.val_before_train=false",
+        "trainer.test_freq=-1",
+        "trainer.save_freq=-1",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = runs_of(workdir, method)
+    (row,) = rundir.read_metric_rows(run)
+    assert row["step"] == 1 and row["actor/ctpo/is_weight_mean"] > 0
+    assert (run / "positions" / "step_000001.parquet").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces
+
+
+def test_a_gpu_run_imports_none_of_it() -> None:
+    """Without VERL_PLATFORM=cpu, `import verl` (which loads our plugin) registers no CPU platform,
+    engine or rollout; with it, all three."""
+    script = (
+        "import verl\n"
+        "from verl.plugin.platform import PlatformRegistry\n"
+        "from verl.workers.rollout.replica import RolloutReplicaRegistry\n"
+        "import sys\n"
+        "print('cpu' in PlatformRegistry.registered_names(), 'cpu_hf' in RolloutReplicaRegistry._registry,"
+        " 'ctpo_cli.train.verl.cpu.platform' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "VERL_PLATFORM"}
+    gpu = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    cpu = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "VERL_PLATFORM": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert gpu.stdout.split() == ["False", "False", "False"], gpu.stderr[-2000:]
+    assert cpu.stdout.split() == ["True", "True", "True"], cpu.stderr[-2000:]
+
+
+def test_in_worker_rollout_registry_change_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from verl.workers.rollout import base
+
+    monkeypatch.delattr(base, "_ROLLOUT_REGISTRY")
+    with pytest.raises(internals.VerlInternalsChanged, match="_ROLLOUT_REGISTRY"):
+        internals.register_inworker_rollout("x", "a.B")
+
+
+def test_process_group_route_check_fails_loudly_when_verl_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from verl.utils import distributed
+
+    def initialize_global_process_group_ray(timeout_second: object = None, backend: object = None) -> None:
+        return None  # a verl that fixed the backend string and dropped the is_initialized() guard
+
+    monkeypatch.setattr(
+        distributed, "initialize_global_process_group_ray", initialize_global_process_group_ray
+    )
+    with pytest.raises(internals.VerlInternalsChanged, match=r"distributed\.py"):
+        internals.check_process_group_workaround_applies()
+
+
+def test_device_id_check_fails_loudly_when_verl_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    internals.check_device_id_usage()  # verl 0.9.1 as installed: passes
+    monkeypatch.setattr(inspect, "getsource", lambda obj: "model.to(device=int(get_device_id()))")
+    with pytest.raises(internals.VerlInternalsChanged, match="fsdp_utils"):
+        internals.check_device_id_usage()
+
+
+def test_gloo_group_only_inside_verl_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WG_BACKEND", raising=False)
+    assert internals.init_gloo_process_group() is False
+    assert not torch.distributed.is_initialized()
+
+
+def test_sampler_log_probs_seeds_and_stops(tmp_path: Path) -> None:
+    """The rollout's log-probs are those of a full forward pass at the sampling temperature (what the
+    actor recomputes), a seed reproduces a sample, and a stop token ends it."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ctpo_cli.train.verl.cpu.rollout import sample_tokens
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+    )  # fmt: skip
+    model = Qwen3ForCausalLM(config).eval()
+    prompt = [1, 20, 21, 22, 2, 1, 14]
+    kwargs: dict[str, object] = {
+        "max_tokens": 12, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "stop_token_ids": set(), "seed": 123,
+    }  # fmt: skip
+    ids, log_probs, finish = sample_tokens(model, prompt, **kwargs)  # type: ignore[arg-type]
+    again, log_probs_again, _ = sample_tokens(model, prompt, **kwargs)  # type: ignore[arg-type]
+    assert (ids, log_probs, finish, len(ids)) == (again, log_probs_again, "length", 12)
+    other, _, _ = sample_tokens(model, prompt, **{**kwargs, "seed": 124})  # type: ignore[arg-type]
+    assert other != ids
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1] / 0.7
+    expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(log_probs), expected, atol=1e-5, rtol=0)
+    stopped, _, reason = sample_tokens(model, prompt, **{**kwargs, "stop_token_ids": {ids[2]}})  # type: ignore[arg-type]
+    assert reason == "stop" and stopped[-1] == ids[2] and len(stopped) <= 3
+    json.dumps(log_probs)  # plain floats, as verl's TokenOutput carries them
