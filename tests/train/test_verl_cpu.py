@@ -126,6 +126,50 @@ def test_every_method_trains_on_verl(workdir: Path, two_step_run: Path, method: 
     assert (run / "positions" / "step_000001.parquet").is_file()
 
 
+def finished_run(result: subprocess.CompletedProcess[str]) -> Path:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return Path(result.stdout.rsplit("run finished: ", 1)[1].split()[0])
+
+
+def test_two_workers_shard_the_update_like_one(workdir: Path, two_step_run: Path) -> None:
+    """FSDP over two gloo processes (trainer.n_gpus_per_node=2, the paper's multi-GPU code path) gives
+    the gradient and weights of one worker. The rollouts must be the same in both runs: seeds from the
+    prompt (rollout.full_determinism), one sample per prompt with REINFORCE++'s batch-normalised
+    advantage (GRPO's would be 0 for identical samples), and one mini-batch, since verl gives each rank
+    its own slice of every mini-batch. Plain SGD keeps the weights linear in the gradient (Adam's first
+    step is lr * sign(g), which turns float noise in near-zero gradients into whole steps)."""
+    common = [
+        "train", "--method", "ctpo", "--model", "tiny-cpu",
+        "trainer.total_training_steps=1", "trainer.val_before_train=false", "trainer.test_freq=-1",
+        "trainer.save_freq=1", "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
+        "actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.full_determinism=true",
+        "algorithm.adv_estimator=reinforce_plus_plus", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.actor.optim.optimizer=SGD", "actor_rollout_ref.actor.optim.lr=0.5",
+        "actor_rollout_ref.actor.optim.weight_decay=0",
+    ]  # fmt: skip
+    from safetensors.torch import load_file
+
+    one = finished_run(ctpo(workdir, *common))
+    two = finished_run(ctpo(workdir, *common, "trainer.n_gpus_per_node=2"))
+    (a,), (b,) = rundir.read_metric_rows(one), rundir.read_metric_rows(two)
+    assert (a["critic/score/mean"], a["response_length/mean"]) == (
+        b["critic/score/mean"],
+        b["response_length/mean"],
+    )
+    assert a["actor/grad_norm"] > 0.01
+    assert b["actor/grad_norm"] == pytest.approx(a["actor/grad_norm"], rel=1e-5)
+    weights = "verl_checkpoints/global_step_1/actor/huggingface/model.safetensors"
+    (start,) = (workdir / "runs" / ".warmstart").glob("*/model.safetensors")
+    initial, after_one, after_two = load_file(start), load_file(one / weights), load_file(two / weights)
+    moved = max(float((after_one[k] - initial[k]).abs().max()) for k in initial)
+    assert moved > 1e-3  # the update is large against the tolerance below
+    for name, tensor in after_one.items():
+        torch.testing.assert_close(after_two[name], tensor, atol=1e-6, rtol=1e-5)
+    assert (two / "verl_checkpoints" / "global_step_1" / "actor" / "model_world_size_2_rank_1.pt").is_file()
+
+
 # --------------------------------------------------------------------------------------------------
 # The pieces
 

@@ -63,11 +63,17 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def request_seed(request_id: str, sampling_params: dict[str, Any], base_seed: int) -> int:
-    """Per-request seed: ``sampling_params['seed']`` if given, else derived from the request id."""
+def request_seed(
+    request_id: str, prompt_ids: list[int], sampling_params: dict[str, Any], seed: int, full_determinism: bool
+) -> int:
+    """Per-request seed: ``sampling_params['seed']`` if given; with ``rollout.full_determinism``, derived
+    from the prompt tokens and ``rollout.seed`` (the same prompt gives the same sample on any replica, so
+    runs with one and two trainer workers sample alike; the n samples of one prompt are then identical);
+    else from the request id (verl gives every request a fresh one)."""
     if sampling_params.get("seed") is not None:
         return int(sampling_params["seed"])
-    return (zlib.crc32(str(request_id).encode()) ^ base_seed) & 0x7FFFFFFF
+    key = bytes(str(prompt_ids), "ascii") if full_determinism else str(request_id).encode()
+    return (zlib.crc32(key) ^ seed) & 0x7FFFFFFF
 
 
 @torch.no_grad()
@@ -217,10 +223,8 @@ class CpuGenerationServer:
         ignore_eos = params.get("ignore_eos", self.config.ignore_eos)
         stop_ids = set() if ignore_eos else set(self.eos_token_ids)
         stop_ids |= set(params.get("stop_token_ids") or [])
-        base_seed = self.config.seed + self.replica_rank
-        if self.config.full_determinism:
-            params.setdefault("seed", base_seed)
-        seed = request_seed(request_id, params, base_seed)
+        base_seed = self.config.seed if self.config.full_determinism else self.config.seed + self.replica_rank
+        seed = request_seed(request_id, prompt_ids, params, base_seed, self.config.full_determinism)
         top_k = params.get("top_k", -1)
         top_k = -1 if top_k is None else int(top_k)
 
