@@ -176,7 +176,8 @@ def require_backend(platform: str, n_gpus: int, nnodes: int = 1) -> None:
     if problems:
         raise BackendUnavailable(
             f"this run needs GPUs and verl with vLLM ({'; '.join(problems)}); "
-            "train on this machine with --backend local, or print the verl command with --dry-run"
+            "on this machine, run verl's trainer on the CPU with --model tiny-cpu or the local engine with "
+            "--backend local, or print the verl command with --dry-run"
         )
 
 
