@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -27,23 +28,14 @@ from ctpo_cli.train.local.train import train_local
 SMOKE = ["rl.steps=2", "warmstart.steps=4"]
 
 
+RunCtpo = Callable[..., subprocess.CompletedProcess[str]]
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
-
-
-def ctpo(*args: str, cwd: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    return subprocess.run(
-        [sys.executable, "-m", "ctpo_cli.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        **kwargs,
-    )
 
 
 def test_run_writes_metrics_positions_checkpoint_and_mlflow(workdir: Path) -> None:
@@ -94,7 +86,7 @@ def test_same_seed_same_run(workdir: Path) -> None:
     pd.testing.assert_frame_equal(first.drop(columns=timings), second.drop(columns=timings))
 
 
-def test_ctrl_c_leaves_checkpoint_and_killed_run_then_resume(workdir: Path) -> None:
+def test_ctrl_c_leaves_checkpoint_and_killed_run_then_resume(workdir: Path, run_ctpo: RunCtpo) -> None:
     process = subprocess.Popen(
         [
             sys.executable,
@@ -138,7 +130,7 @@ def test_ctrl_c_leaves_checkpoint_and_killed_run_then_resume(workdir: Path) -> N
     done = torch.load(run / rundir.CHECKPOINT_DIR / "trainer_state.pt", weights_only=False)["step"]
     assert done >= 2
 
-    result = ctpo(
+    result = run_ctpo(
         "train", "--method", "gspo", "--backend", "local", "--resume", f"rl.steps={done + 1}", cwd=workdir
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -166,8 +158,8 @@ def test_ctrl_c_leaves_checkpoint_and_killed_run_then_resume(workdir: Path) -> N
         (["--method", "ctpo", "warmstart.careless_frac=1.5"], "careless_frac must be in [0, 1], got 1.5"),
     ],
 )
-def test_bad_input_is_one_line(workdir: Path, args: list[str], message: str) -> None:
-    result = ctpo("train", "--backend", "local", *args, cwd=workdir)
+def test_bad_input_is_one_line(workdir: Path, run_ctpo: RunCtpo, args: list[str], message: str) -> None:
+    result = run_ctpo("train", "--backend", "local", *args, cwd=workdir)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -25,22 +26,8 @@ from ctpo_cli.train.verl.cpu import internals
 RUN_TIMEOUT_S = 900
 
 
-def ctpo(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VERL_PLATFORM")}
-    return subprocess.run(
-        [sys.executable, "-m", "ctpo_cli.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-    )
-
-
-def runs_of(workdir: Path, method: str) -> list[Path]:
-    return [
-        run for run in rundir.find_runs(workdir / "runs") if rundir.read_run_info(run)["method"] == method
-    ]
+Train = Callable[..., Path]
+RunCtpo = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +36,23 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_step_run(workdir: Path) -> Path:
-    """The issue's command: 2 ctpo steps (validation before and after, a checkpoint at step 2)."""
-    result = ctpo(
-        workdir, "train", "--method", "ctpo", "--model", "tiny-cpu", "trainer.total_training_steps=2"
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run,) = runs_of(workdir, "ctpo")
+def train(workdir: Path, run_ctpo: RunCtpo) -> Train:
+    """``ctpo train --model tiny-cpu ARGS`` in the shared directory; the run directory it wrote last."""
+
+    def run(*args: str) -> Path:
+        result = run_ctpo("train", "--model", "tiny-cpu", *args, cwd=workdir, timeout=RUN_TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return max(
+            rundir.find_runs(workdir / "runs"), key=lambda run: (run / rundir.RUN_FILE).stat().st_mtime
+        )
+
     return run
+
+
+@pytest.fixture(scope="module")
+def two_step_run(train: Train) -> Path:
+    """The issue's command: 2 ctpo steps (validation before and after, a checkpoint at step 2)."""
+    return train("--method", "ctpo", "trainer.total_training_steps=2")
 
 
 def test_a_two_step_ctpo_run_with_tool_calls(workdir: Path, two_step_run: Path) -> None:
@@ -85,12 +81,9 @@ def test_a_two_step_ctpo_run_with_tool_calls(workdir: Path, two_step_run: Path) 
     assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "timing_s/step")] == [1, 2]
 
 
-def test_resume_continues_from_the_checkpoint(workdir: Path, two_step_run: Path) -> None:
+def test_resume_continues_from_the_checkpoint(workdir: Path, two_step_run: Path, train: Train) -> None:
     before = {row["step"]: row for row in rundir.read_metric_rows(two_step_run)}
-    result = ctpo(
-        workdir, "train", "-m", "ctpo", "--model", "tiny-cpu", "--resume", "trainer.total_training_steps=3"
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert train("-m", "ctpo", "--resume", "trainer.total_training_steps=3") == two_step_run
     assert "Resuming from" in (two_step_run / "train.log").read_text()
     rows = rundir.read_metric_rows(two_step_run)
     assert [row["step"] for row in rows] == [0, 1, 2, 3]  # nothing lost, nothing twice
@@ -106,32 +99,21 @@ def test_resume_continues_from_the_checkpoint(workdir: Path, two_step_run: Path)
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "ctpo"])
-def test_every_method_trains_on_verl(workdir: Path, two_step_run: Path, method: str) -> None:
-    result = ctpo(
-        workdir,
-        "train",
+def test_every_method_trains_on_verl(two_step_run: Path, train: Train, method: str) -> None:
+    run = train(
         "--method",
         method,
-        "--model",
-        "tiny-cpu",
         "trainer.total_training_steps=1",
         "trainer.val_before_train=false",
         "trainer.test_freq=-1",
         "trainer.save_freq=-1",
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run,) = runs_of(workdir, method)
     (row,) = rundir.read_metric_rows(run)
     assert row["step"] == 1 and row["actor/ctpo/is_weight_mean"] > 0
     assert (run / "positions" / "step_000001.parquet").is_file()
 
 
-def finished_run(result: subprocess.CompletedProcess[str]) -> Path:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return Path(result.stdout.rsplit("run finished: ", 1)[1].split()[0])
-
-
-def test_two_workers_shard_the_update_like_one(workdir: Path, two_step_run: Path) -> None:
+def test_two_workers_shard_the_update_like_one(workdir: Path, two_step_run: Path, train: Train) -> None:
     """FSDP over two gloo processes (trainer.n_gpus_per_node=2, the paper's multi-GPU code path) gives
     the gradient and weights of one worker. The rollouts must be the same in both runs: seeds from the
     prompt (rollout.full_determinism), one sample per prompt with REINFORCE++'s batch-normalised
@@ -139,7 +121,7 @@ def test_two_workers_shard_the_update_like_one(workdir: Path, two_step_run: Path
     its own slice of every mini-batch. Plain SGD keeps the weights linear in the gradient (Adam's first
     step is lr * sign(g), which turns float noise in near-zero gradients into whole steps)."""
     common = [
-        "train", "--method", "ctpo", "--model", "tiny-cpu",
+        "--method", "ctpo",
         "trainer.total_training_steps=1", "trainer.val_before_train=false", "trainer.test_freq=-1",
         "trainer.save_freq=1", "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
         "actor_rollout_ref.rollout.n=1", "actor_rollout_ref.rollout.full_determinism=true",
@@ -151,8 +133,8 @@ def test_two_workers_shard_the_update_like_one(workdir: Path, two_step_run: Path
     ]  # fmt: skip
     from safetensors.torch import load_file
 
-    one = finished_run(ctpo(workdir, *common))
-    two = finished_run(ctpo(workdir, *common, "trainer.n_gpus_per_node=2"))
+    one = train(*common)
+    two = train(*common, "trainer.n_gpus_per_node=2")
     (a,), (b,) = rundir.read_metric_rows(one), rundir.read_metric_rows(two)
     assert (a["critic/score/mean"], a["response_length/mean"]) == (
         b["critic/score/mean"],
