@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctpo_cli.algo import diagnostics
-from ctpo_cli.algo.losses import get_method, get_policy_loss, method_hparams
+from ctpo_cli.algo.losses import PolicyLossFn, get_method, get_policy_loss, method_hparams
 from ctpo_cli.runs import rundir, tracking
 from ctpo_cli.tir.scoring import score_batch
 from ctpo_cli.train.local.config import LocalConfig, build_config, flat_params
@@ -283,6 +283,37 @@ def initial_policy(
 # The RL step
 
 
+def minibatch_update(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: PolicyLossFn,
+    rollout: Rollout,
+    rows: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    config: LocalConfig,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on ``rows`` of ``rollout``, as verl's actor takes it on one mini-batch:
+    log pi(y_t) at the sampling temperature, the method's loss over the response mask (method.md (5),
+    (12)), backward, gradient-norm clip, step. Returns the loss's metrics plus ``actor/pg_loss`` and
+    ``actor/grad_norm`` (before clipping), as verl names them. ``old_log_prob`` and ``advantages`` are
+    per token, for the whole rollout."""
+    log_prob = response_log_probs(model, rollout, rows, config.rl.temperature)
+    loss, metrics = loss_fn(
+        old_log_prob=old_log_prob[rows],
+        log_prob=log_prob,
+        advantages=advantages[rows],
+        response_mask=rollout.response_mask[rows].bool(),
+        loss_agg_mode=config.rl.loss_agg_mode,
+        config=config.loss,
+    )
+    optimizer.zero_grad()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.rl.grad_clip)
+    optimizer.step()
+    return {**metrics, "actor/pg_loss": loss.detach(), "actor/grad_norm": grad_norm}
+
+
 def rl_step(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -310,23 +341,12 @@ def rl_step(
     model.train()
     sums: dict[str, float] = {}
     order = torch.randperm(len(rewards), generator=generator).to(device)
+    token_advantages = advantages.unsqueeze(-1).expand_as(old_log_prob)
     for minibatch in order.chunk(rl.minibatches):
-        log_prob = response_log_probs(model, rollout, minibatch, rl.temperature)
-        mask = rollout.response_mask[minibatch]
-        loss, metrics = loss_fn(
-            old_log_prob=old_log_prob[minibatch],
-            log_prob=log_prob,
-            advantages=advantages[minibatch].unsqueeze(-1).expand_as(log_prob),
-            response_mask=mask.bool(),
-            loss_agg_mode=rl.loss_agg_mode,
-            config=config.loss,
+        metrics = minibatch_update(
+            model, optimizer, loss_fn, rollout, minibatch, old_log_prob, token_advantages, config
         )
-        optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
-        optimizer.step()
         stats.end_minibatch()
-        metrics = {**metrics, "actor/pg_loss": loss.detach(), "actor/grad_norm": grad_norm}
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + float(value) / rl.minibatches
     elapsed = time.perf_counter() - start
