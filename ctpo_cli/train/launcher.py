@@ -216,9 +216,13 @@ def print_dry_run(job: VerlJob, sandbox_url: str | None) -> None:
     print(format_command(job.command))
     missing = missing_data_files(experiment)
     if missing:
+        how = (
+            "a launch builds them with the tiny model (train.synthetic)"
+            if experiment.ctpo.synthetic.local_preset
+            else "run `ctpo data prepare`"
+        )
         print(
-            f"note: {len(missing)} data file(s) do not exist yet, e.g. {missing[0]}: run `ctpo data prepare`",
-            file=sys.stderr,
+            f"note: {len(missing)} data file(s) do not exist yet, e.g. {missing[0]}: {how}", file=sys.stderr
         )
 
 
