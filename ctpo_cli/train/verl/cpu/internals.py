@@ -95,7 +95,8 @@ def init_gloo_process_group() -> bool:
     Only acts in processes that verl's ``RayWorkerGroup`` started (it sets ``WG_BACKEND=ray``,
     ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` in the actor's env:
     ``verl/single_controller/ray/base.py:632-640``). Returns True if a group now exists.
-    See :func:`check_process_group_workaround_applies` for why.
+    See :func:`check_process_group_workaround_applies` for why. Collective timeout:
+    ``$CTPO_PROCESS_GROUP_TIMEOUT_S`` seconds (default 1800).
     """
     if torch.distributed.is_initialized():
         return True
@@ -107,7 +108,7 @@ def init_gloo_process_group() -> bool:
         backend="gloo",
         rank=int(env["RANK"]),
         world_size=int(env["WORLD_SIZE"]),
-        timeout=timedelta(seconds=int(env.get("VERL_CPU_PG_TIMEOUT_S", "1800"))),
+        timeout=timedelta(seconds=int(env.get("CTPO_PROCESS_GROUP_TIMEOUT_S", "1800"))),
         init_method=env.get("DIST_INIT_METHOD") or "env://",
     )
     return True

@@ -44,7 +44,8 @@ def server_actor_name(replica_rank: int, node_rank: int = 0) -> str:
 
 
 def _torch_threads() -> int:
-    return int(os.getenv("VERL_CPU_ROLLOUT_THREADS", "0")) or max(1, (os.cpu_count() or 1))
+    """Threads of the rollout server's forward passes: ``$CTPO_ROLLOUT_THREADS``, else every core."""
+    return int(os.getenv("CTPO_ROLLOUT_THREADS", "0")) or max(1, (os.cpu_count() or 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,9 +190,6 @@ class CpuGenerationServer:
         if global_steps is not None:
             self.global_steps = global_steps
         return {"num_tensors": len(state_dict), "weight_version": self.weight_version}
-
-    def weight_checksum(self) -> float:
-        return float(sum(p.double().sum() for p in self.model.parameters()))
 
     # -- generation -------------------------------------------------------------------------
     async def generate(
@@ -381,7 +379,6 @@ class CpuServerAdapter(BaseRollout):
         self.replica_rank = rank // rollout_world_size if replica_rank == -1 else replica_rank
         self.rollout_rank = rank % rollout_world_size
         self._server: ray.actor.ActorHandle | None = None
-        self.last_sync: dict[str, Any] = {}
 
     def _server_handle(self) -> ray.actor.ActorHandle | None:
         if self.rollout_rank != 0:
@@ -417,7 +414,6 @@ class CpuServerAdapter(BaseRollout):
                 state[name] = tensor.detach().to("cpu", copy=True).contiguous()
         if server is not None:
             info = await server.load_weights.remote(state, global_steps)
-            self.last_sync = {**info, "seconds": time.time() - start}
             logger.info(
                 "%s: synced %s tensors in %.2fs", ROLLOUT_NAME, info["num_tensors"], time.time() - start
             )
