@@ -239,12 +239,7 @@ def log_artifacts(runs: Sequence[Run], paths: Sequence[Path], artifact_path: str
         try:
             tracking.log_artifacts(run_id, paths, artifact_path)
         except Exception as error:  # MLflow raises many types (store, REST, OS errors)
-            messages.append(f"{run.label}: not logged to MLflow run {run_id}: {_first_line(error)}")
+            messages.append(f"{run.label}: not logged to MLflow run {run_id}: {tracking.first_line(error)}")
         else:
             messages.append(f"{run.label}: logged to MLflow run {run_id} under {artifact_path}/")
     return messages
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

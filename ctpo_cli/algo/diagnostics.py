@@ -50,6 +50,8 @@ FIXED_WINDOW = defaults.FIXED_WINDOW
 SQRT_WINDOW = defaults.SQRT_WINDOW
 """Reference position-adaptive window (a_low, a_high, p): K_t in [-a_low t^p, a_high t^p], ctpo's default."""
 POSITIONS_DIR = "positions"
+STEP_PREFIX = "step_"
+"""Files are ``positions/step_XXXXXX[.rankR].parquet`` (one per step and, beyond rank 0, per rank)."""
 
 
 class PositionStats:
@@ -140,7 +142,7 @@ class PositionStats:
         directory = self.out_dir / POSITIONS_DIR
         directory.mkdir(parents=True, exist_ok=True)
         suffix = f".rank{self.rank}" if self.rank else ""
-        path = directory / f"step_{step:06d}{suffix}.parquet"
+        path = directory / f"{STEP_PREFIX}{step:06d}{suffix}.parquet"
         tmp = path.with_suffix(".tmp")
         frame.to_parquet(tmp, index=False)
         tmp.replace(path)
@@ -178,8 +180,21 @@ def active() -> PositionStats | None:
 
 def read_positions(run_dir: str | Path) -> pd.DataFrame:
     """All per-position files of a run, summed over ranks: one row per (step, offpolicy, position)."""
-    files = sorted((Path(run_dir) / POSITIONS_DIR).glob("step_*.parquet"))
+    files = sorted((Path(run_dir) / POSITIONS_DIR).glob(f"{STEP_PREFIX}*.parquet"))
     if not files:
         raise FileNotFoundError(f"no per-position diagnostics under {Path(run_dir) / POSITIONS_DIR}")
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     return frame.groupby(["step", "offpolicy", "position"], as_index=False)[list(STAT_COLUMNS)].sum()
+
+
+def discard_positions_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Delete the per-position files of steps after ``step`` (every rank's); the files deleted. A resumed
+    run trains those steps again from its checkpoint."""
+    later = [
+        path
+        for path in (Path(run_dir) / POSITIONS_DIR).glob(f"{STEP_PREFIX}*.parquet")
+        if int(path.name.removeprefix(STEP_PREFIX).split(".")[0]) > step
+    ]
+    for path in later:
+        path.unlink()
+    return later

@@ -91,13 +91,16 @@ def read_metric_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_metric_steps(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """``metrics.jsonl`` as {step: metrics}, the last record of a step winning."""
+    return {int(row.pop("step")): row for row in read_metric_rows(run_dir)}
+
+
 def read_metrics(run_dir: Path) -> pd.DataFrame:
     """All logged steps as a DataFrame; the last record wins when a resumed run repeated a step."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    if not (Path(run_dir) / METRICS_FILE).is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(read_metric_rows(run_dir))
     return frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
 
 

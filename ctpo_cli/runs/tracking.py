@@ -98,7 +98,7 @@ def create_run(
         )
         log_params(run.info.run_id, params)
     except Exception as error:  # MLflow raises many types (store, REST, OS errors)
-        raise ValueError(f"cannot create the MLflow run at {tracking_uri()}: {_first_line(error)}") from None
+        raise ValueError(f"cannot create the MLflow run at {tracking_uri()}: {first_line(error)}") from None
     return str(run.info.run_id)
 
 
@@ -109,7 +109,9 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
     for key, value in params.items():
         if key not in existing:
             text = str(value)
-            mlflow.log_param(run_id, key, text if len(text) <= MAX_PARAM_CHARS else text[:5990] + "...")
+            mlflow.log_param(
+                run_id, key, text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 10] + "..."
+            )
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -168,6 +170,7 @@ def mlflow_run(
     end_run(run_id, "finished")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (MLflow's run to many lines), or its type's name."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -37,7 +37,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from ctpo_cli.algo.diagnostics import POSITIONS_DIR
+from ctpo_cli.algo.diagnostics import discard_positions_after
 from ctpo_cli.runs import rundir, tracking
 from ctpo_cli.train import synthetic
 from ctpo_cli.train.experiments import (
@@ -417,24 +417,25 @@ def keep_before_resume(run_dir: Path) -> None:
     (verl's file logger starts its file afresh), and steps after the checkpoint, which verl will train
     again, are dropped there and from ``positions/``, so that no step is lost or counted twice."""
     step = verl_checkpoint_step(run_dir)
-    import_verl_metrics(run_dir)
-    kept = {int(row.pop("step")): row for row in rundir.read_metric_rows(run_dir) if int(row["step"]) <= step}
-    rundir.write_metrics(run_dir, kept)
+    merged = merged_metrics(run_dir)
+    rundir.write_metrics(run_dir, {k: row for k, row in merged.items() if k <= step})
     (run_dir / VERL_METRICS_FILE).unlink(missing_ok=True)
-    for path in (run_dir / POSITIONS_DIR).glob("step_*.parquet"):
-        if int(path.stem.removeprefix("step_")) > step:
-            path.unlink()
+    discard_positions_after(run_dir, step)
 
 
-def import_verl_metrics(run_dir: Path) -> int:
-    """verl's file-logger records (``{"step": k, "data": {...}}``) merged into ``metrics.jsonl``: one
+def import_verl_metrics(run_dir: Path) -> None:
+    """Merge verl's file-logger records into ``metrics.jsonl`` (:func:`merged_metrics`)."""
+    if (run_dir / VERL_METRICS_FILE).is_file():
+        rundir.write_metrics(run_dir, merged_metrics(run_dir))
+
+
+def merged_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """``metrics.jsonl`` with verl's file-logger records (``{"step": k, "data": {...}}``) merged in: one
     row per step, records of the same step merged (the later wins, as after a resume that validated
-    again), numbers only, the steps already there kept; returns the number of steps imported."""
+    again), numbers only, the steps already there kept."""
+    merged = rundir.read_metric_steps(run_dir)
     source = run_dir / VERL_METRICS_FILE
-    if not source.is_file():
-        return 0
-    steps: dict[int, dict[str, float]] = {}
-    for line in source.read_text().splitlines():
+    for line in source.read_text().splitlines() if source.is_file() else []:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             record = json.loads(line)
             numbers = {
@@ -442,9 +443,5 @@ def import_verl_metrics(run_dir: Path) -> int:
                 for key, value in record["data"].items()
                 if isinstance(value, int | float) and not isinstance(value, bool)
             }
-            steps.setdefault(int(record["step"]), {}).update(numbers)
-    merged = {int(row.pop("step")): row for row in rundir.read_metric_rows(run_dir)}
-    for step, numbers in steps.items():
-        merged[step] = {**merged.get(step, {}), **numbers}
-    rundir.write_metrics(run_dir, merged)
-    return len(steps)
+            merged.setdefault(int(record["step"]), {}).update(numbers)
+    return merged

@@ -56,6 +56,7 @@ def prepare(section: SyntheticSection, seed: int, runs_dir: Path, console: Conso
     from ctpo_cli.train.local.config import build_config
     from ctpo_cli.train.local.task import eval_problems, sample_problems, to_verl_frame
     from ctpo_cli.train.local.train import initial_policy
+    from dataset.registry import write_parquet
 
     if section.local_preset is None:
         return
@@ -74,7 +75,4 @@ def prepare(section: SyntheticSection, seed: int, runs_dir: Path, console: Conso
     }
     for path, (split, problems) in splits.items():
         if not Path(path).is_file():
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(path).with_suffix(".tmp")
-            to_verl_frame(problems, split, config.task.system_prompt).to_parquet(tmp, index=False)
-            tmp.replace(path)
+            write_parquet(to_verl_frame(problems, split, config.task.system_prompt), Path(path))

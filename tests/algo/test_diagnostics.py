@@ -260,3 +260,21 @@ def test_read_positions_sums_ranks(tmp_path: Path) -> None:
 def test_read_positions_without_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no per-position diagnostics"):
         diagnostics.read_positions(tmp_path)
+
+
+def test_discard_positions_after_a_checkpoint_removes_every_ranks_later_files(tmp_path: Path) -> None:
+    """A resumed run trains the steps after its checkpoint again; their files go, each rank's too."""
+    folder = tmp_path / diagnostics.POSITIONS_DIR
+    folder.mkdir()
+    names = [
+        "step_000001.parquet",
+        "step_000001.rank1.parquet",
+        "step_000002.parquet",
+        "step_000002.rank1.parquet",
+        "step_000003.rank1.parquet",
+    ]
+    for name in names:
+        (folder / name).write_bytes(b"")
+    removed = diagnostics.discard_positions_after(tmp_path, 1)
+    assert sorted(p.name for p in removed) == names[2:]
+    assert sorted(p.name for p in folder.iterdir()) == names[:2]

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_cli.train.local.config import TaskConfig
+from dataset.registry import write_parquet
 
 DATA_SOURCE = "synthetic_count"
 
@@ -55,8 +56,12 @@ class Problem:
         how many values there are: the misreading RL has to unlearn (see ``WarmStartConfig``).
         """
         lines = [f"{i + 1}:{self.start + i * self.step}" for i in range(self.count)]
-        boxed = self.target if careless else self.count
-        return "\n".join([*lines, f"So \\boxed{{{boxed}}}"])
+        return "\n".join([*lines, self.conclusion(self.target if careless else self.count)])
+
+    @staticmethod
+    def conclusion(value: int) -> str:
+        """The last line of every solution: ``So \\boxed{value}``."""
+        return f"So \\boxed{{{value}}}"
 
     @property
     def program(self) -> str:
@@ -66,7 +71,7 @@ class Problem:
     def tool_solution(self) -> tuple[str, str]:
         """A tool-integrated solution (``ctpo_cli.tir.protocol``): a first turn that ends with a
         ```````python`` block computing the count, and, after the tool's output, a final boxed turn."""
-        return f"```python\n{self.program}\n```", f"So \\boxed{{{self.count}}}"
+        return f"```python\n{self.program}\n```", self.conclusion(self.count)
 
     def messages(self, system_prompt: str = "") -> list[dict[str, str]]:
         """The chat prompt (verl's ``prompt`` column), with a system message when one is given."""
@@ -106,7 +111,6 @@ def to_verl_frame(problems: list[Problem], split: str, system_prompt: str = "") 
 
 
 def write_eval_set(path: Path, config: TaskConfig, seed: int) -> Path:
-    """Write the held-out problems as a verl-format parquet benchmark and return its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_verl_frame(eval_problems(config, seed), "test", config.system_prompt).to_parquet(path, index=False)
+    """Write the held-out problems as a verl-format parquet benchmark (atomically) and return its path."""
+    write_parquet(to_verl_frame(eval_problems(config, seed), "test", config.system_prompt), path)
     return path
