@@ -148,14 +148,23 @@ def quickstart(
 def bench_loss(
     batch: int = typer.Option(64, help="Responses per micro-batch."),
     length: int = typer.Option(8192, help="Tokens per response."),
-    repeats: int = typer.Option(5, help="Timed forward+backward passes per method (after one warm-up)."),
+    rounds: int = typer.Option(5, min=1, help="Interleaved rounds (baseline, every method, baseline)."),
+    calls: int = typer.Option(3, min=1, help="Timed forward+backward passes per contestant and round."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Time forward+backward of every method against verl's built-in `vanilla` loss (same run)."""
     from ctpo_cli.bench.loss import bench_losses
 
-    bench_losses(batch=batch, length=length, repeats=repeats, device=device, out=out or None, console=console)
+    bench_losses(
+        batch=batch,
+        length=length,
+        rounds=rounds,
+        calls=calls,
+        device=device,
+        out=out or None,
+        console=console,
+    )
 
 
 @bench_app.command("sandbox")

@@ -1,4 +1,5 @@
-"""``ctpo bench loss``: forward+backward time of every method, as a ratio to verl's ``vanilla``."""
+"""``ctpo bench loss``: forward+backward time of every method, as a ratio to verl's ``vanilla``, timed in
+interleaved rounds."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
+from rich.progress import Progress
 
 from ctpo_cli.algo.losses import METHODS, get_policy_loss
+from ctpo_cli.bench.timing import Call, Contestant, interleave, ratio_table
 
 
 def synthetic_batch(batch: int, length: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -25,10 +27,10 @@ def synthetic_batch(batch: int, length: int, device: str, seed: int = 0) -> dict
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def time_loss(fn: Callable[..., Any], inputs: dict[str, torch.Tensor], config: Any, repeats: int) -> float:
-    """Median seconds of one forward+backward (one untimed warm-up first)."""
-    times = []
-    for i in range(repeats + 1):
+def loss_call(fn: Callable[..., Any], inputs: dict[str, torch.Tensor], config: Any) -> Call:
+    """One forward+backward of ``fn`` on ``inputs`` (a fresh leaf each call; only the pass is timed)."""
+
+    def call() -> float:
         log_prob = inputs["log_prob"].detach().clone().requires_grad_(True)
         if log_prob.is_cuda:
             torch.cuda.synchronize()
@@ -44,15 +46,16 @@ def time_loss(fn: Callable[..., Any], inputs: dict[str, torch.Tensor], config: A
         loss.backward()
         if log_prob.is_cuda:
             torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        return time.perf_counter() - start
+
+    return call
 
 
 def bench_losses(
-    batch: int, length: int, repeats: int, device: str, out: str | None, console: Console
+    batch: int, length: int, rounds: int, calls: int, device: str, out: str | None, console: Console
 ) -> list[dict[str, Any]]:
-    """Print (and optionally save as CSV) each method's time and its ratio to verl vanilla."""
+    """Print (and optionally save as CSV) each method's time and its ratio to verl vanilla, timed in
+    interleaved rounds (:mod:`ctpo_cli.bench.timing`)."""
     try:
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
         from verl.workers.config import ActorConfig, PolicyLossConfig
@@ -68,20 +71,27 @@ def bench_losses(
         policy_loss=PolicyLossConfig(loss_mode="vanilla"),
     )
     console.print(
-        f"[bold]loss benchmark[/]: batch {batch} x {length} tokens, float32, {device}, median of {repeats}"
+        f"[bold]loss benchmark[/]: batch {batch} x {length} tokens, float32, {device}, "
+        f"{rounds} interleaved rounds of {calls} forward+backward passes each"
     )
-    baseline = time_loss(get_policy_loss_fn("vanilla"), inputs, config, repeats)
-    rows: list[dict[str, Any]] = [{"loss": "verl vanilla (baseline)", "ms": baseline * 1e3, "ratio": 1.0}]
-    for name in METHODS:
-        seconds = time_loss(get_policy_loss(name), inputs, config, repeats)
-        rows.append({"loss": f"ctpo {name}", "ms": seconds * 1e3, "ratio": seconds / baseline})
-    table = Table(title="forward+backward time, ratio to verl vanilla (lower is faster)")
-    table.add_column("loss")
-    table.add_column("ms", justify="right")
-    table.add_column("x vanilla", justify="right")
-    for row in rows:
-        table.add_row(row["loss"], f"{row['ms']:.1f}", f"{row['ratio']:.2f}")
-    console.print(table)
+    baseline = Contestant("verl vanilla", loss_call(get_policy_loss_fn("vanilla"), inputs, config))
+    contestants = [
+        Contestant(f"ctpo {name}", loss_call(get_policy_loss(name), inputs, config)) for name in METHODS
+    ]
+    with Progress(console=console, transient=True) as progress:
+        result = interleave(baseline, contestants, rounds=rounds, calls=calls, warmup=2, progress=progress)
+    console.print(ratio_table(result, "forward+backward time, ratio to verl vanilla (lower is faster)"))
+    rows: list[dict[str, Any]] = [
+        {
+            "loss": timing.name,
+            "best_ms": timing.best * 1e3,
+            "median_ms": timing.median * 1e3,
+            "ratio": result.ratio(timing),
+            "round_ratio_min": min(timing.round_ratios),
+            "round_ratio_max": max(timing.round_ratios),
+        }
+        for timing in [result.baseline, *result.contestants]
+    ]
     if out:
         import pandas as pd
 

@@ -860,7 +860,9 @@ def test_bench_loss_cli() -> None:
     from ctpo_cli.cli import app
 
     result = CliRunner().invoke(
-        app, ["bench", "loss", "--batch", "4", "--length", "256", "--repeats", "1"], env={"COLUMNS": "200"}
+        app,
+        ["bench", "loss", "--batch", "4", "--length", "256", "--rounds", "2", "--calls", "1"],
+        env={"COLUMNS": "200"},
     )
     assert result.exit_code == 0, result.output
     assert re.search(r"verl vanilla \(baseline\)\s.*\b1\.00\b", result.output), result.output
