@@ -169,18 +169,19 @@ def bench_loss(
 
 @bench_app.command("sandbox")
 def bench_sandbox(
-    requests: int = typer.Option(200, help="Timed runs per runner and concurrency level (after a warm-up)."),
+    requests: int = typer.Option(40, help="Runs per timed batch (one measured call of the harness)."),
     concurrency: str = typer.Option("1,8,32", help="Comma-separated numbers of concurrent clients."),
+    rounds: int = typer.Option(5, min=1, help="Interleaved rounds (bare, sandbox, bare) per concurrency."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Executions/s and p50/p99 latency of a trivial program: sandbox service vs bare `python -c`."""
-    from sandbox.bench import bench_sandbox as run_bench
+    from ctpo_cli.bench.sandbox import bench_sandbox as run_bench
 
     try:
         levels = [int(level) for level in concurrency.split(",")]
     except ValueError:
         raise UserError(f"--concurrency must be comma-separated integers, not {concurrency!r}") from None
-    run_bench(requests=requests, concurrencies=levels, out=out or None, console=console)
+    run_bench(requests=requests, concurrencies=levels, rounds=rounds, out=out or None, console=console)
 
 
 sandbox_app = typer.Typer(help="The isolated Python execution service (bubblewrap).", no_args_is_help=True)

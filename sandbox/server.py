@@ -1,13 +1,18 @@
 """The sandbox service: SandboxFusion-compatible ``POST /run_code`` and ``GET /health`` (FastAPI + uvicorn).
 
 Bad requests get a 4xx JSON ``{"detail": "<what is wrong>"}``, never a 500: malformed JSON (400), a body over
-``max_request_mb`` (413), unknown fields, languages or out-of-range limits (422). Whatever a program does,
-the answer is 200 with SandboxFusion's ``status`` (Success, Failed or SandboxError) and ``run_result``.
+``max_request_mb`` (413), a wrong type, language or file name (422), a full queue (429, with Retry-After).
+As SandboxFusion, unknown fields are ignored; limits above the service's are clamped (the response's
+``message`` says so); ``fetch_files`` (returning files the program wrote) is not supported and answers
+SandboxError. Whatever a program does, the answer is 200 with SandboxFusion's ``status`` (Success, Failed or
+SandboxError) and ``run_result``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
 import logging
@@ -17,17 +22,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sandbox.client import SandboxClient, SandboxUnavailable
 from sandbox.config import SandboxConfig
-from sandbox.executor import RunResult, check_isolation, execute
+from sandbox.executor import Program, RunResult, SandboxRunner, check_isolation
 from sandbox.process import stop_process_group
 
 CONFIG_ENV = "CTPO_SANDBOX_CONFIG"
@@ -41,30 +47,50 @@ UNSAFE_BANNER = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 """
 
+NO_CGROUPS_BANNER = """
+!!  WARNING: no cgroups: a request's memory is bounded per process (RLIMIT_AS), not for all its processes
+!!  together, and tmpfs and shared memory are not bounded by it. Run the service as root on a host with
+!!  cgroup memory and pids controllers, or pass --set without_cgroups=refuse to refuse to start without.
+"""
+
 logger = logging.getLogger("sandbox")
 
 
 class RunCodeRequest(BaseModel):
-    """SandboxFusion's ``/run_code`` request, Python only. ``compile_timeout`` is accepted and unused."""
+    """SandboxFusion's ``/run_code`` request, Python only; fields it does not know are ignored, as
+    SandboxFusion does. ``compile_timeout`` is accepted and unused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
-    code: str = Field(description="the program, run as `python main.py` in an empty working directory")
+    code: str = Field(description="the program, run as `python main.py` in its own working directory")
     language: Literal["python"] = Field(description="only python")
     stdin: str | None = Field(None, description="text fed to the program's standard input")
-    run_timeout: float = Field(10.0, gt=0, description="wall-clock limit in seconds")
-    memory_limit_MB: int = Field(-1, description="address-space limit in MiB; <= 0 means the service default")
+    run_timeout: float = Field(10.0, gt=0, description="wall-clock limit in seconds (clamped to the maximum)")
+    memory_limit_MB: int = Field(-1, description="memory limit in MiB (clamped); <= 0: the service default")
     compile_timeout: float = 10.0
-    files: dict[str, str | None] = Field(default_factory=dict, description="must be empty: not supported")
+    files: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="relative path -> base64 content, written to the working directory first; null: skipped",
+    )
     fetch_files: list[str] = Field(default_factory=list, description="must be empty: not supported")
-    args: list[str] = Field(default_factory=list, description="must be empty: not supported")
 
-    @field_validator("files", "fetch_files", "args")
+    @field_validator("files")
     @classmethod
-    def _only_empty(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("not supported by this sandbox; send an empty value or leave it out")
-        return value
+    def _relative_base64(cls, files: dict[str, str | None]) -> dict[str, str | None]:
+        for name, content in files.items():
+            parts = name.split("/")
+            if not name or name.startswith("/") or ".." in parts or "" in parts or "\0" in name:
+                raise ValueError(f"{name!r} must be a relative path without '..' or empty parts")
+            if content is not None:
+                try:
+                    base64.b64decode(content, validate=True)
+                except binascii.Error:
+                    raise ValueError(f"{name!r}: content is not valid base64") from None
+        return files
+
+    def decoded_files(self) -> dict[str, bytes]:
+        """The files to write: decoded, null ones left out (as SandboxFusion does)."""
+        return {name: base64.b64decode(data) for name, data in self.files.items() if data is not None}
 
 
 class CommandRunResult(BaseModel):
@@ -102,12 +128,7 @@ def describe(error: ValidationError) -> HTTPException:
     parts = []
     for problem in problems:
         where = ".".join(str(part) for part in problem["loc"]) or "body"
-        hint = (
-            f" (valid fields: {', '.join(RunCodeRequest.model_fields)})"
-            if problem["type"] == "extra_forbidden"
-            else ""
-        )
-        parts.append(f"{where}: {problem['msg']}{hint}")
+        parts.append(f"{where}: {problem['msg']}")
     return HTTPException(422, "invalid request: " + "; ".join(parts))
 
 
@@ -125,41 +146,66 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def clamp(payload: RunCodeRequest, config: SandboxConfig) -> tuple[Program, str]:
+    """The program to run, limits above the service's clamped to them, and a note saying which were."""
+    notes = []
+    run_timeout, memory_mb = payload.run_timeout, payload.memory_limit_MB
+    if run_timeout > config.max_run_timeout:
+        notes.append(f"run_timeout clamped to {config.max_run_timeout:g} s (asked {run_timeout:g})")
+        run_timeout = config.max_run_timeout
+    if memory_mb > config.max_memory_mb:
+        notes.append(f"memory_limit_MB clamped to {config.max_memory_mb} (asked {memory_mb})")
+        memory_mb = config.max_memory_mb
+    program = Program(payload.code, payload.stdin or "", payload.decoded_files(), run_timeout, memory_mb)
+    return program, "; ".join(notes)
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client has gone away (uvicorn reports it once the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(config: SandboxConfig) -> FastAPI:
-    """The service for one worker process; at most ``config.max_concurrency`` programs run at once."""
-    app = FastAPI(title="ctpo sandbox", description=__doc__)
+    """The service for one worker process: at most ``config.max_concurrency`` programs run at once and at
+    most ``config.max_queue`` requests wait; more get 429. A request whose client disconnects is dropped
+    from the queue, or its program killed."""
     slots = asyncio.Semaphore(config.max_concurrency)
     load = {"running": 0, "waiting": 0}
+    sandbox = SandboxRunner.create(config)
     if not config.isolate:
         logger.warning("UNSAFE: this worker runs programs WITHOUT ISOLATION (--unsafe-no-isolation)")
+    elif sandbox.cgroups is None:
+        logger.warning(
+            "NO CGROUPS: a request's memory is bounded per process only (RLIMIT_AS), its processes by "
+            "RLIMIT_NPROC only (%s)",
+            sandbox.cgroup_problem,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        sandbox.start()  # the zygote, ahead of the first request
+        try:
+            yield
+        finally:
+            sandbox.close()
+
+    app = FastAPI(title="ctpo sandbox", description=__doc__, lifespan=lifespan)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         isolation = "bubblewrap" if config.isolate else "NONE (unsafe: --unsafe-no-isolation)"
-        return {"status": "ok", "isolation": isolation, "max_concurrency": config.max_concurrency, **load}
+        level = sandbox.isolation_level if config.isolate else "none"
+        return {
+            "status": "ok",
+            "isolation": isolation,
+            "isolation_level": level,
+            "max_concurrency": config.max_concurrency,
+            "max_queue": config.max_queue,
+            **load,
+        }
 
-    @app.post(
-        "/run_code",
-        response_model=RunCodeResponse,
-        openapi_extra={
-            "requestBody": {"content": {"application/json": {"schema": RunCodeRequest.model_json_schema()}}}
-        },
-    )
-    async def run_code(request: Request) -> RunCodeResponse:
-        try:
-            payload = RunCodeRequest.model_validate_json(
-                await read_body(request, config.max_request_mb << 20)
-            )
-        except ValidationError as error:
-            raise describe(error) from None
-        if payload.run_timeout > config.max_run_timeout:
-            raise HTTPException(
-                422, f"run_timeout: at most {config.max_run_timeout:g} s, got {payload.run_timeout:g}"
-            )
-        if payload.memory_limit_MB > config.max_memory_mb:
-            raise HTTPException(
-                422, f"memory_limit_MB: at most {config.max_memory_mb}, got {payload.memory_limit_MB}"
-            )
+    async def queued(program: Program) -> RunResult:
         load["waiting"] += 1
         try:
             await slots.acquire()
@@ -167,16 +213,53 @@ def create_app(config: SandboxConfig) -> FastAPI:
             load["waiting"] -= 1
         load["running"] += 1
         try:
-            result = await execute(
-                config, payload.code, payload.stdin or "", payload.run_timeout, payload.memory_limit_MB
-            )
+            return await sandbox.run(program)
         except Exception as error:  # a bug of ours must still answer in the protocol, and be logged
             logger.exception("sandbox execution failed")
-            result = RunResult("Error", message=f"internal sandbox error: {error!r}")
+            return RunResult("Error", message=f"internal sandbox error: {error!r}")
         finally:
             load["running"] -= 1
             slots.release()
-        return to_response(result)
+
+    @app.post(
+        "/run_code",
+        response_model=RunCodeResponse,
+        openapi_extra={
+            "requestBody": {"content": {"application/json": {"schema": RunCodeRequest.model_json_schema()}}}
+        },
+        responses={429: {"description": "the queue is full; retry after the Retry-After seconds"}},
+    )
+    async def run_code(request: Request) -> Any:
+        if load["waiting"] >= config.max_queue:  # before reading the body: nothing held for it
+            return JSONResponse(
+                {"detail": f"the service's queue is full ({config.max_queue} waiting); retry later"},
+                status_code=429,
+                headers={"Retry-After": "1"},
+            )
+        try:
+            payload = RunCodeRequest.model_validate_json(
+                await read_body(request, config.max_request_mb << 20)
+            )
+        except ValidationError as error:
+            raise describe(error) from None
+        if payload.fetch_files:
+            return RunCodeResponse(
+                status="SandboxError",
+                message="fetch_files is not supported by this sandbox: programs' files are not returned",
+            )
+        program, note = clamp(payload, config)
+        work = asyncio.ensure_future(queued(program))
+        gone = asyncio.ensure_future(until_disconnected(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():  # the client went away: drop the request, or kill its program
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return JSONResponse({"detail": "client disconnected"}, status_code=499)
+        gone.cancel()
+        response = to_response(work.result())
+        response.message = "; ".join(part for part in (response.message, note) if part)
+        return response
 
     return app
 
@@ -210,7 +293,9 @@ def serve(
         config = dataclasses.replace(config, max_concurrency=max_concurrency)
     if unsafe_no_isolation:
         print(UNSAFE_BANNER, file=sys.stderr, flush=True)
-    check_isolation(config)
+    level = check_isolation(config)
+    if config.isolate and level == "rlimits only":
+        print(NO_CGROUPS_BANNER, file=sys.stderr, flush=True)
     os.environ[CONFIG_ENV] = config.to_json()
     uvicorn.run(
         "sandbox.server:app_from_environment",

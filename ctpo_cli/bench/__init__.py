@@ -2,6 +2,5 @@
 
 * :mod:`~ctpo_cli.bench.loss`: our losses against verl's ``vanilla``.
 * :mod:`~ctpo_cli.bench.scoring`: the scoring pool against math-verify in-process.
-
-(``ctpo bench sandbox`` lives with the service: :mod:`sandbox.bench`.)
+* :mod:`~ctpo_cli.bench.sandbox`: the sandbox service against bare ``python -c`` subprocesses.
 """
