@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "ctpo-sandbox-"
+_NAMES = itertools.count()
+"""Request group numbers, unique in this process (a worker may make its base group more than once)."""
 
 
 def _own_cgroups() -> dict[str, str]:
@@ -112,7 +114,6 @@ class Cgroups:
     version: str
     memory_base: Path
     pids_base: Path
-    _count: itertools.count[int] = field(default_factory=itertools.count)
 
     @classmethod
     def detect(cls) -> tuple[Cgroups | None, str]:
@@ -166,7 +167,7 @@ class Cgroups:
 
     def create(self, memory_bytes: int, processes: int) -> RequestCgroup:
         """A request's groups with its memory bound (no swap) and process cap."""
-        name = f"r{next(self._count)}"
+        name = f"r{next(_NAMES)}"
         group = RequestCgroup(self.version, self.memory_base / name, self.pids_base / name)
         group.memory.mkdir()
         if self.version == "v2":

@@ -201,7 +201,8 @@ def _bwrap_command(config: SandboxConfig, etc: Mapping[str, int]) -> list[str]:
             options += ["--cap-add", f"CAP_{cap}"]
     else:
         options += ["--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "ALL"]
-    options += ["--ro-bind", "/usr", "/usr", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    options += ["--ro-bind", "/usr", "/usr", "--perms", "0755", "--dir", "/etc"]
+    options += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     for path, fd in etc.items():
         options += ["--perms", "0444", "--ro-bind-data", str(fd), path]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):

@@ -32,13 +32,21 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+IDLE: dict[int, set[int]] = {}
+"""Per service process: its processes when idle (bubblewrap and the zygote), recorded when it started."""
+
+
 def assert_contained(service: Service, within: float = 10.0) -> None:
-    """The service is healthy and, within ``within`` seconds, runs no process at all (no sandbox left)."""
+    """The service is healthy and, within ``within`` seconds, runs no process but those it ran when idle
+    (the same zygote: no sandbox left, and the zygote neither died nor was replaced)."""
     with SandboxClient(service.url) as client:
         assert client.health(), "service unhealthy"
     deadline = time.monotonic() + within
-    while leftover := descendants(service.process.pid):
-        assert time.monotonic() < deadline, f"processes left behind by the sandbox: {leftover}"
+    while (running := set(descendants(service.process.pid))) != IDLE[service.process.pid]:
+        assert time.monotonic() < deadline, (
+            f"processes left behind by the sandbox: {running - IDLE[service.process.pid]}, "
+            f"idle processes gone: {IDLE[service.process.pid] - running}"
+        )
         time.sleep(0.05)
 
 
@@ -67,6 +75,12 @@ def service(request: pytest.FixtureRequest, secret: str) -> Iterator[Service]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(SECRET_ENV, secret)
         with running_service(**getattr(request.module, "SERVICE_OPTIONS", {})) as started:
+            with SandboxClient(started.url) as client:  # the zygote answered: it is up
+                assert client.run_code("pass").status == "Finished"
+            IDLE[started.process.pid] = set()
+            while IDLE[started.process.pid] != (now := set(descendants(started.process.pid))):
+                IDLE[started.process.pid] = now  # until the warm-up request's processes are gone
+                time.sleep(0.5)
             yield started
 
 
