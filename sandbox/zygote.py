@@ -248,6 +248,10 @@ def init(settings, header, fds, ready_fd):
             os.setpgid(0, 0)
         run_program(settings, header, workdir, ready_fd)
     os.close(ready_fd)
+    if not settings["isolate"]:  # no PID namespace: the relay's SIGTERM ends the program's process group
+        with contextlib.suppress(OSError):
+            os.setpgid(child, child)
+        signal.signal(signal.SIGTERM, lambda *_: os.killpg(child, signal.SIGKILL))
     while True:
         pid, status = os.wait()
         if pid == child:
@@ -290,8 +294,9 @@ def relay(settings, header, request, fds):
             for fd, _ in watch.poll():
                 if fd == pidfd:
                     ended = True
-                else:  # "k", or the service went away
-                    os.kill(child, signal.SIGKILL)
+                else:  # "k", or the service went away (read, so that closing our end resets nothing)
+                    request.recv(1)
+                    os.kill(child, signal.SIGKILL if settings["isolate"] else signal.SIGTERM)
                     watch.unregister(request)
         _, status = os.waitpid(child, 0)
         elapsed = time.monotonic() - start
@@ -303,7 +308,7 @@ def relay(settings, header, request, fds):
         code = os.waitstatus_to_exitcode(status)
         report = {"code": 128 - code if code < 0 else code, "time": elapsed, "ready": ready}
         request.send(json.dumps(report).encode())
-    except OSError:
+    except OSError:  # the service went away: nothing to report to
         pass
     os._exit(0)
 

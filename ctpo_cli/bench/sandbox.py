@@ -147,8 +147,12 @@ def bench_sandbox(
         table.add_column(column, justify="left" if column == "runner" else "right", no_wrap=True)
     for row in rows:
         numbers = [f"{row[key]:.1f}" for key in ("executions_per_s", "p50_ms", "p99_ms")]
-        spread = f"{row['round_ratio_min']:.2f}-{row['round_ratio_max']:.2f}" if row["runner"] == SANDBOX else ""
-        table.add_row(str(row["concurrency"]), row["runner"], *numbers, f"{row['throughput_ratio']:.2f}", spread)
+        spread = (
+            f"{row['round_ratio_min']:.2f}-{row['round_ratio_max']:.2f}" if row["runner"] == SANDBOX else ""
+        )
+        table.add_row(
+            str(row["concurrency"]), row["runner"], *numbers, f"{row['throughput_ratio']:.2f}", spread
+        )
     console.print(table)
     if out:
         import pandas as pd

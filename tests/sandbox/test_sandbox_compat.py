@@ -108,7 +108,9 @@ def test_limits_above_ours_are_clamped_and_reported(service: Service) -> None:
         memory_limit_MB=10**6,
     )
     assert result["status"] == "Success", result
-    assert "run_timeout clamped to 300 s" in result["message"] and "memory_limit_MB clamped" in result["message"]
+    assert (
+        "run_timeout clamped to 300 s" in result["message"] and "memory_limit_MB clamped" in result["message"]
+    )
     assert result["run_result"]["stdout"] == "301\n"  # RLIMIT_CPU: ceil(300 s + cpu_grace of 1 s)
 
 
