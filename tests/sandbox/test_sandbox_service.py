@@ -220,3 +220,14 @@ def test_bench_sandbox_measures_both_runners(tmp_path: Path) -> None:
 def test_bench_cli_rejects_a_bad_concurrency_list() -> None:
     done = ctpo("bench", "sandbox", "--concurrency", "1,lots", env={})
     assert done.returncode == 2 and "--concurrency must be comma-separated integers" in done.stderr
+
+
+def test_a_dead_zygote_is_replaced(process_tree: Callable[[int], list[int]]) -> None:
+    with running_service() as service, SandboxClient(service.url) as client:
+        assert client.run_code("print(1)").stdout == "1\n"
+        zygote = process_tree(service.process.pid)  # bubblewrap and the zygote, started by the service
+        for pid in zygote:
+            with contextlib.suppress(ProcessLookupError):  # gone with its parent already
+                os.kill(pid, signal.SIGKILL)
+        assert client.run_code("print(2)").stdout == "2\n"
+        assert not set(process_tree(service.process.pid)) & set(zygote)  # a new one (the old one reaped)
