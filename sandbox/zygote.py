@@ -317,8 +317,10 @@ def main():
     control = socket.socket(fileno=int(sys.argv[1]))
     settings = json.loads(sys.argv[2])
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # relays are reaped by the kernel
+    null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1):
-        os.dup2(os.open("/dev/null", os.O_RDWR), fd)
+        os.dup2(null, fd)
+    os.close(null)
     while True:
         message, ancillary, _, _ = control.recvmsg(1 << 16, socket.CMSG_SPACE(8 * 4))
         if not message:
