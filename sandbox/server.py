@@ -296,6 +296,8 @@ def serve(
     level = check_isolation(config)
     if config.isolate and level == "rlimits only":
         print(NO_CGROUPS_BANNER, file=sys.stderr, flush=True)
+    isolation = f"bubblewrap, per-request limits: {level}" if config.isolate else "NONE"
+    print(f"sandbox isolation: {isolation}", file=sys.stderr, flush=True)
     os.environ[CONFIG_ENV] = config.to_json()
     uvicorn.run(
         "sandbox.server:app_from_environment",

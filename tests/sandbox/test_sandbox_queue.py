@@ -22,7 +22,7 @@ SERVICE_OPTIONS = {"max_concurrency": 1, "settings": ["max_queue=2"]}
 
 
 def health(service: Service) -> dict[str, int]:
-    return httpx.get(f"{service.url}/health").json()  # type: ignore[no-any-return]
+    return httpx.get(f"{service.url}/health").json()
 
 
 def wait_for(service: Service, **load: int) -> None:

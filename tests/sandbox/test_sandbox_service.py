@@ -69,6 +69,7 @@ def test_cli_serve_starts_with_its_options_and_stops_on_sigterm() -> None:
         os.killpg(server.pid, signal.SIGTERM)
         _, stderr = server.communicate(timeout=30)
     assert server.returncode in (0, -signal.SIGTERM) and b"Application shutdown complete" in stderr, stderr
+    assert b"sandbox isolation: bubblewrap, per-request limits: " in stderr
 
 
 @pytest.mark.parametrize(
