@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +183,15 @@ class Cgroups:
         _write(group.pids / "pids.max", str(processes))
         return group
 
-    def close(self) -> None:
-        """Remove the worker's base groups (their request groups must be gone)."""
+    def close(self, within: float = 5.0) -> None:
+        """Remove the worker's base groups, waiting up to ``within`` seconds for the last relays to exit."""
+        deadline = time.monotonic() + within
         for base in dict.fromkeys((self.memory_base, self.pids_base)):
-            with contextlib.suppress(OSError):
-                _remove_tree(base)
+            while True:
+                try:
+                    _remove_tree(base)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)

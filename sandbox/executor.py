@@ -106,7 +106,8 @@ class _Capture:
 
 
 def _collect(fd: int, capture: _Capture) -> asyncio.Future[None]:
-    """Read pipe ``fd`` into ``capture`` from the event loop until end of file; the future says when."""
+    """Read pipe ``fd`` into ``capture`` from the event loop until end of file; the future says when.
+    The caller removes the reader (``loop.remove_reader``) if it stops reading earlier."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     os.set_blocking(fd, False)
@@ -124,7 +125,6 @@ def _collect(fd: int, capture: _Capture) -> asyncio.Future[None]:
                 done.set_result(None)
 
     loop.add_reader(fd, readable)
-    done.add_done_callback(lambda _: loop.remove_reader(fd))
     return done
 
 
@@ -370,8 +370,8 @@ class SandboxRunner:
                 for fd in handed[1:]:
                     os.close(fd)
             outputs = [_collect(out_read, stdout), _collect(err_read, stderr)]
-            for future in outputs:
-                cleanup.callback(future.cancel)
+            for fd in (out_read, err_read):  # before the descriptors are closed (last in, first out)
+                cleanup.callback(asyncio.get_running_loop().remove_reader, fd)
             hello, pid = await asyncio.wait_for(_receive(ours), START_TIMEOUT_S)
             if hello != b"h" or pid is None:
                 return RunResult("Error", message="the sandbox's zygote did not answer")
