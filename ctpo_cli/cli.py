@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from dataset import DATA_DIR
+from sandbox.config import WithoutCgroups
 
 app = typer.Typer(
     name="ctpo",
@@ -202,11 +203,16 @@ def sandbox_serve(
     settings: list[str] | None = typer.Option(
         None, "--set", help="NAME=VALUE, repeatable: a limit of sandbox.config.SandboxConfig, e.g. nproc=128."
     ),
+    without_cgroups: WithoutCgroups = typer.Option(
+        WithoutCgroups.warn,
+        help="Where no cgroup can bound a request: warn (per-process limits only) or refuse.",
+    ),
 ) -> None:
     """SandboxFusion-compatible POST /run_code and GET /health; refuses to start without bubblewrap."""
     from sandbox.server import serve
 
-    serve(host, port, workers, max_concurrency, unsafe_no_isolation, settings or [])
+    options = [*(settings or []), f"without_cgroups={without_cgroups.value}"]
+    serve(host, port, workers, max_concurrency, unsafe_no_isolation, options)
 
 
 RUNS_HELP = "Run dirs, run names under runs/, MLflow run ids or names (default: latest run of each method)."

@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 BWRAP_ENV = "CTPO_SANDBOX_BWRAP"
@@ -19,8 +20,11 @@ def default_bwrap() -> str:
     return os.environ.get(BWRAP_ENV) or shutil.which("bwrap") or "/usr/bin/bwrap"
 
 
-WITHOUT_CGROUPS = ("warn", "refuse")
-"""Choices of ``SandboxConfig.without_cgroups``."""
+class WithoutCgroups(str, Enum):
+    """What a worker does where no cgroup can be used: ``SandboxConfig.without_cgroups``."""
+
+    warn = "warn"
+    refuse = "refuse"
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class SandboxConfig:
     output_limit: int = 8 << 20
     max_request_mb: int = 8
     max_queue: int = 256
-    without_cgroups: str = "warn"
+    without_cgroups: WithoutCgroups = WithoutCgroups.warn
     sandbox_uid: int = 65534
 
     def __post_init__(self) -> None:
@@ -102,11 +106,13 @@ class SandboxConfig:
                 raise ValueError(f"sandbox setting {name} must be positive, got {getattr(self, name)}")
         if self.cpu_grace < 0 or self.sandbox_uid < 0:
             raise ValueError("sandbox settings cpu_grace and sandbox_uid must not be negative")
-        if self.without_cgroups not in WITHOUT_CGROUPS:
+        try:
+            object.__setattr__(self, "without_cgroups", WithoutCgroups(self.without_cgroups))
+        except ValueError:
             raise ValueError(
-                f"sandbox setting without_cgroups must be one of {', '.join(WITHOUT_CGROUPS)}, "
+                f"sandbox setting without_cgroups must be one of {', '.join(WithoutCgroups)}, "
                 f"got {self.without_cgroups!r}"
-            )
+            ) from None
 
     def with_settings(self, settings: Iterable[str]) -> SandboxConfig:
         """A copy with ``NAME=VALUE`` settings applied (``ctpo sandbox serve --set nproc=128``).
@@ -126,7 +132,8 @@ class SandboxConfig:
             try:
                 changes[name] = kind(text)
             except ValueError:
-                raise ValueError(f"sandbox setting {name} needs a {kind.__name__}, got {text!r}") from None
+                wanted = f"one of {', '.join(kind)}" if issubclass(kind, Enum) else f"a {kind.__name__}"
+                raise ValueError(f"sandbox setting {name} needs {wanted}, got {text!r}") from None
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:

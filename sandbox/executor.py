@@ -273,7 +273,7 @@ class SandboxRunner:
         if cgroups is None and config.without_cgroups == "refuse":
             raise ValueError(
                 f"no cgroup can bound a request's memory and processes here ({problem}); run the service "
-                "as root on a host with cgroup memory and pids controllers, or --set without_cgroups=warn"
+                "as root on a host with cgroup memory and pids controllers, or pass --without-cgroups warn"
             )
         return cls(config, cgroups, problem)
 
@@ -351,29 +351,14 @@ class SandboxRunner:
         stdout, stderr = _Capture(self.config.output_limit), _Capture(self.config.output_limit)
         cgroup: RequestCgroup | None = None
         with contextlib.ExitStack() as cleanup:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            cleanup.callback(ours.close)  # first opened, last closed: the relay kills what is left
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            ours.setblocking(False)
-            out_read, out_write = os.pipe()
-            err_read, err_write = os.pipe()
-            handed = [theirs.fileno()]
-            handed += [_memfd("main.py", program.code.encode("utf-8", "surrogatepass"))]
-            handed += [_memfd("stdin", program.stdin.encode("utf-8", "surrogatepass")), out_write, err_write]
-            handed += [_memfd("files", pack_files(program.files or {}))]
-            for fd in (out_read, err_read):
-                cleanup.callback(os.close, fd)
-            try:
-                self._send(json.dumps(header).encode(), handed)
-            finally:
-                theirs.close()
-                for fd in handed[1:]:
-                    os.close(fd)
-            outputs = [_collect(out_read, stdout), _collect(err_read, stderr)]
-            for fd in (out_read, err_read):  # before the descriptors are closed (last in, first out)
-                cleanup.callback(asyncio.get_running_loop().remove_reader, fd)
-            hello, pid = await asyncio.wait_for(_receive(ours), START_TIMEOUT_S)
-            if hello != b"h" or pid is None:
+            for _ in range(2):
+                with contextlib.ExitStack() as handover:
+                    ours, outputs, pid = await self._hand_over(handover, header, program, stdout, stderr)
+                    if pid is not None:
+                        cleanup.enter_context(handover.pop_all())
+                        break
+                self.close_zygote()  # it died since the last request: start a new one, try once more
+            else:
                 return RunResult("Error", message="the sandbox's zygote did not answer")
             if self.cgroups is not None:
                 cgroup = self.cgroups.create(header["memory"], self.config.nproc + 2)
@@ -393,8 +378,42 @@ class SandboxRunner:
             oom_kills = cgroup.oom_kills() if cgroup is not None else 0
         return self._result(report, timed_out, stdout, stderr, oom_kills, header["memory"])
 
+    async def _hand_over(
+        self,
+        cleanup: contextlib.ExitStack,
+        header: dict[str, int],
+        program: Program,
+        stdout: _Capture,
+        stderr: _Capture,
+    ) -> tuple[socket.socket, list[asyncio.Future[None]], int | None]:
+        """Send the request to the zygote and wait for its relay: the request socket, the output readers
+        and the relay's pid (None: the zygote did not answer). ``cleanup`` closes what was opened."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cleanup.callback(ours.close)  # first opened, last closed: the relay kills what is left
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        ours.setblocking(False)
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        handed = [theirs.fileno()]
+        handed += [_memfd("main.py", program.code.encode("utf-8", "surrogatepass"))]
+        handed += [_memfd("stdin", program.stdin.encode("utf-8", "surrogatepass")), out_write, err_write]
+        handed += [_memfd("files", pack_files(program.files or {}))]
+        for fd in (out_read, err_read):
+            cleanup.callback(os.close, fd)
+        try:
+            self._send(json.dumps(header).encode(), handed)
+        finally:
+            theirs.close()
+            for fd in handed[1:]:
+                os.close(fd)
+        outputs = [_collect(out_read, stdout), _collect(err_read, stderr)]
+        for fd in (out_read, err_read):  # before the descriptors are closed (last in, first out)
+            cleanup.callback(asyncio.get_running_loop().remove_reader, fd)
+        hello, pid = await asyncio.wait_for(_receive(ours), START_TIMEOUT_S)
+        return ours, outputs, pid if hello == b"h" else None
+
     def _send(self, header: bytes, fds: list[int]) -> None:
-        """Hand a request to the zygote, restarting it once if it has died."""
+        """Hand a request to the zygote, restarting it once if it is known to have died."""
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         try:
             self.start().sendmsg([header], rights)

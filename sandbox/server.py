@@ -50,7 +50,7 @@ UNSAFE_BANNER = """
 NO_CGROUPS_BANNER = """
 !!  WARNING: no cgroups: a request's memory is bounded per process (RLIMIT_AS), not for all its processes
 !!  together, and tmpfs and shared memory are not bounded by it. Run the service as root on a host with
-!!  cgroup memory and pids controllers, or pass --set without_cgroups=refuse to refuse to start without.
+!!  cgroup memory and pids controllers, or pass --without-cgroups refuse to refuse to start without.
 """
 
 logger = logging.getLogger("sandbox")

@@ -80,6 +80,7 @@ def test_cli_serve_starts_with_its_options_and_stops_on_sigterm() -> None:
         ("nproc", "NAME=VALUE"),
         ("nproc=many", "nproc needs a int, got 'many'"),
         ("nproc=0", "nproc must be positive"),
+        ("without_cgroups=maybe", "without_cgroups needs one of warn, refuse, got 'maybe'"),
     ],
 )
 def test_serve_rejects_bad_settings(setting: str, reason: str) -> None:
