@@ -400,8 +400,11 @@ class SandboxRunner:
         handed += [_memfd("files", pack_files(program.files or {}))]
         for fd in (out_read, err_read):
             cleanup.callback(os.close, fd)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", handed).tobytes())]
         try:
-            self._send(json.dumps(header).encode(), handed)
+            self.start().sendmsg([json.dumps(header).encode()], rights)
+        except OSError:  # the zygote is gone
+            return ours, [], None
         finally:
             theirs.close()
             for fd in handed[1:]:
@@ -411,15 +414,6 @@ class SandboxRunner:
             cleanup.callback(asyncio.get_running_loop().remove_reader, fd)
         hello, pid = await asyncio.wait_for(_receive(ours), START_TIMEOUT_S)
         return ours, outputs, pid if hello == b"h" else None
-
-    def _send(self, header: bytes, fds: list[int]) -> None:
-        """Hand a request to the zygote, restarting it once if it is known to have died."""
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        try:
-            self.start().sendmsg([header], rights)
-        except OSError:
-            self.close_zygote()
-            self.start().sendmsg([header], rights)
 
     def _remove_later(self, cgroup: RequestCgroup, attempt: int = 0) -> None:
         """Remove a request's cgroups once its last process (the relay, exiting) is gone."""
