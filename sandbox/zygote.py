@@ -76,11 +76,11 @@ def unshare(flags):
     check(libc.unshare(flags), "unshare")
 
 
-def make_dirs(path, mode=0o755):
-    """Create ``path`` and missing parents (as root, 0755: the program can read but not change them)."""
+def make_dirs(path):
+    """Create ``path`` and missing parents, 0755."""
     if not os.path.isdir(path):
-        make_dirs(os.path.dirname(path), mode)
-        os.mkdir(path, mode)
+        make_dirs(os.path.dirname(path))
+        os.mkdir(path, 0o755)
 
 
 def set_up_filesystem(settings, header, program_fd, files_fd):
@@ -104,10 +104,8 @@ def set_up_filesystem(settings, header, program_fd, files_fd):
 
 
 def write_files(header, program_fd, files_fd, workdir):
-    """main.py (read-only, owned by the init) and the request's files (owned by the program's user)."""
-    with open(program_fd, "rb") as source, open(os.path.join(workdir, "main.py"), "wb") as target:
-        target.write(source.read())
-        os.fchmod(target.fileno(), 0o444)
+    """The request's files (owned by the program's user), then main.py (read-only, owned by the init: a
+    file of that name among the request's files does not replace the program)."""
     with open(files_fd, "rb") as blob:
         data = blob.read()
     offset, owner = 0, header["uid"]
@@ -117,13 +115,16 @@ def write_files(header, program_fd, files_fd, workdir):
         name = data[offset : offset + name_size].decode()
         offset += name_size
         path = os.path.join(workdir, name)
-        make_dirs(os.path.dirname(path), 0o777 if owner < 0 else 0o755)
+        make_dirs(os.path.dirname(path))
         with open(path, "wb") as handle:
             handle.write(data[offset : offset + size])
         offset += size
         if owner >= 0:
             for created in (path, *parents_below(os.path.dirname(path), workdir)):
                 os.chown(created, owner, owner)
+    with open(program_fd, "rb") as source, open(os.path.join(workdir, "main.py"), "wb") as target:
+        target.write(source.read())
+        os.fchmod(target.fileno(), 0o444)
 
 
 def parents_below(path, top):

@@ -99,6 +99,13 @@ def test_null_file_and_unknown_fields_are_accepted(service: Service) -> None:
     assert result["run_result"]["stdout"] == "['b.bin', 'main.py'] data\n"
 
 
+def test_files_are_the_programs_but_main_py_stays_the_program(service: Service) -> None:
+    files = {"main.py": base64.b64encode(b"print('impostor')").decode(), "d/e/f.txt": ""}
+    code = "import os; open('d/e/f.txt', 'w').write('mine'); os.remove('d/e/f.txt'); print('program')"
+    result = post(service, language="python", code=code, files=files)
+    assert (result["status"], result["run_result"]["stdout"]) == ("Success", "program\n"), result
+
+
 def test_limits_above_ours_are_clamped_and_reported(service: Service) -> None:
     result = post(
         service,
