@@ -171,7 +171,7 @@ def create_app(config: SandboxConfig) -> FastAPI:
     most ``config.max_queue`` requests wait; more get 429. A request whose client disconnects is dropped
     from the queue, or its program killed."""
     slots = asyncio.Semaphore(config.max_concurrency)
-    load = {"running": 0, "waiting": 0}
+    load = {"admitted": 0, "running": 0, "waiting": 0}  # admitted: reading its body, waiting or running
     sandbox = SandboxRunner.create(config)
     if not config.isolate:
         logger.warning("UNSAFE: this worker runs programs WITHOUT ISOLATION (--unsafe-no-isolation)")
@@ -230,12 +230,19 @@ def create_app(config: SandboxConfig) -> FastAPI:
         responses={429: {"description": "the queue is full; retry after the Retry-After seconds"}},
     )
     async def run_code(request: Request) -> Any:
-        if load["waiting"] >= config.max_queue:  # before reading the body: nothing held for it
+        if load["admitted"] >= config.max_concurrency + config.max_queue:  # before reading the body
             return JSONResponse(
                 {"detail": f"the service's queue is full ({config.max_queue} waiting); retry later"},
                 status_code=429,
                 headers={"Retry-After": "1"},
             )
+        load["admitted"] += 1  # from here on its body may be held: at most max_concurrency + max_queue
+        try:
+            return await admitted(request)
+        finally:
+            load["admitted"] -= 1
+
+    async def admitted(request: Request) -> Any:
         try:
             payload = RunCodeRequest.model_validate_json(
                 await read_body(request, config.max_request_mb << 20)

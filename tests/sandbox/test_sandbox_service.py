@@ -147,6 +147,7 @@ def test_health_reports_isolation_and_load(service: Service) -> None:
         "isolation_level": expected_level or health["isolation_level"],
         "max_concurrency": os.cpu_count(),
         "max_queue": 256,
+        "admitted": 0,
         "running": 0,
         "waiting": 0,
     }
