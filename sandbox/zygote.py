@@ -8,7 +8,7 @@ file), its stdin (an in-memory file), the write ends of its stdout and stderr pi
 in-memory file). It never reads any of them itself, so nothing of one request stays in the memory that the
 next request's process inherits. Then, per request, three processes:
 
-- **relay** (forked from the zygote): tells the service its process id (SCM_CREDENTIALS, which the kernel
+- **relay** (forked from the zygote, in a session of its own): tells the service its process id (SCM_CREDENTIALS, which the kernel
   translates into the service's view), waits until the service has moved it into the request's cgroups,
   enters new mount, PID, network, IPC, UTS and cgroup namespaces and forks the init. It reports the init's
   exit code and whether the program started to the service, and kills the init when the service says so
@@ -270,6 +270,7 @@ def init(settings, header, fds, ready_fd):
 def relay(settings, header, request, fds):
     """Between the service and one program (see the module docstring). Never returns."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()  # a session, so a scheduling group (autogroup), per request: as a separate sandbox would be
     try:
         credentials = struct.pack("3i", os.getpid(), os.getuid(), os.getgid())
         request.sendmsg([b"h"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, credentials)])
