@@ -4,8 +4,10 @@ its bodies are read, and requests abandoned by their clients while queued never 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -77,9 +79,17 @@ def test_requests_abandoned_while_queued_never_run(service: Service) -> None:
     wait_for(service, running=0, waiting=0)  # and they did not run afterwards (contained: nothing left)
 
 
-def test_a_virtualenv_under_tmp_serves(tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.fixture
+def venv_under_tmp() -> Iterator[Path]:
+    """A virtualenv of this interpreter in /tmp itself (whatever TMPDIR says), removed afterwards."""
+    venv = Path(tempfile.mkdtemp(prefix="ctpo-venv-", dir="/tmp"))
+    yield venv
+    shutil.rmtree(venv)
+
+
+def test_a_virtualenv_under_tmp_serves(venv_under_tmp: Path) -> None:
     """The interpreter under /tmp, where each program gets a private tmpfs: it is bound back, read-only."""
-    venv = Path("/tmp") / tmp_path_factory.mktemp("venv").name
+    venv = venv_under_tmp
     subprocess.run(
         [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True
     )
