@@ -76,7 +76,7 @@ def _publish(runs: Sequence[Run], paths: Sequence[Path], artifact_path: str, opt
             options.console.print(message, highlight=False)
 
 
-def _print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
+def print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
     table = Table(*[str(c) for c in frame.columns], title=title)
     for row in frame.itertuples(index=False):
         table.add_row(*[str(v) for v in row])
@@ -162,7 +162,7 @@ def std_growth(
         exponent=fits["exponent"].map("{:.3f}".format),
         r2=fits["r2"].map("{:.3f}".format),
     )[["run", "step", "sigma", "exponent", "r2", "positions"]]
-    _print_frame(shown, "std(K_t) fits: σ̂ of σ√t; b and R² of the free fit a·t^b", options.console)
+    print_frame(shown, "std(K_t) fits: σ̂ of σ√t; b and R² of the free fit a·t^b", options.console)
     paths = save(std_growth_figure(panels, scale), options.out, "std_growth")
     paths.append(_csv(fits, options.out / "std_growth_fits.csv"))
     _publish(runs, paths, "figures", options)
@@ -183,7 +183,7 @@ def clip_rate(
     table = pd.concat(
         [s.uniformity.rename_axis("window").reset_index().assign(run=s.run.name, step=s.step) for s in series]
     )
-    _print_frame(_uniformity_display(table), UNIFORMITY_TITLE, options.console)
+    print_frame(_uniformity_display(table), UNIFORMITY_TITLE, options.console)
     binned = pd.concat([s.rates.assign(run=s.run.name, method=s.run.method, step=s.step) for s in series])
     paths = save(clip_rate_figure(panels), options.out, "clip_rate")
     paths.append(_csv(table, options.out / "clip_rate_uniformity.csv"))
@@ -285,7 +285,7 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
         sections.append((title, _mechanism_display(mechanism), mechanism, "mechanism"))
     paths = []
     for title, shown, data, stem in sections:
-        _print_frame(shown, title, options.console)
+        print_frame(shown, title, options.console)
         paths.append(_csv(data, options.out / f"report_{stem}.csv"))
     markdown = "\n\n".join(f"### {title}\n\n{report.markdown(shown)}" for title, shown, _, _ in sections)
     md_path = options.out / "report.md"

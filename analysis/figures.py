@@ -349,3 +349,45 @@ def _draw_curve(ax: Axes, curve: Curve, methods: Sequence[MethodCurves], colors:
             transform=ax.transAxes,
             color="0.4",
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# methods over seeds
+
+
+def comparison_figure(methods: pd.DataFrame, pairs: pd.DataFrame, title: str) -> Figure:
+    """Left: each method's avg@k per seed (dots) and its mean with the 95% t-interval over seeds.
+    Right: every pairwise difference a − b, paired by seed and problem, with its 95% interval
+    (``analysis.aggregate``); intervals that exclude 0 are drawn solid, the others faded."""
+    colors = method_colors(list(methods["method"]))
+    with styled():
+        fig = Figure(figsize=(11, 0.9 + 0.42 * max(len(methods), len(pairs), 4)), layout="constrained")
+        left, right = fig.subplots(1, 2, width_ratios=(1, 1.2))
+        for row, item in enumerate(methods.itertuples(index=False)):
+            y = len(methods) - 1 - row
+            color = colors[item.method]
+            left.plot(
+                [100 * v for v in item.values], [y] * len(item.values), "o", color=color, alpha=0.45, ms=4
+            )
+            if not math.isnan(item.ci_low):
+                left.plot([100 * item.ci_low, 100 * item.ci_high], [y, y], color=color, lw=2.5)
+            left.plot([100 * item.mean], [y], "|", color="black", ms=14, mew=2)
+        left.set_yticks(range(len(methods)), list(methods["method"])[::-1])
+        left.set(xlabel="held-out avg@k (%)", title="per method: seeds (dots), mean, 95% t-interval")
+        for row, item in enumerate(pairs.itertuples(index=False)):
+            y = len(pairs) - 1 - row
+            excludes_zero = item.ci_low > 0 or item.ci_high < 0
+            alpha = 1.0 if excludes_zero else 0.45
+            right.plot([100 * item.ci_low, 100 * item.ci_high], [y, y], color="0.2", lw=2.5, alpha=alpha)
+            right.plot([100 * item.delta], [y], "o", color="0.2", alpha=alpha)
+            right.plot([100 * d for d in item.per_seed], [y] * len(item.per_seed), "x", color="0.5", ms=4)
+        right.axvline(0, color="0.5", lw=1, linestyle=":")
+        right.set_yticks(
+            range(len(pairs)), [f"{a} − {b}" for a, b in zip(pairs["a"], pairs["b"], strict=True)][::-1]
+        )
+        right.set(
+            xlabel="difference (percentage points)",
+            title="pairs, by seed and problem: per seed (x), Δ and 95% interval",
+        )
+        fig.suptitle(title)
+    return fig
