@@ -159,10 +159,12 @@ def std_growth(
     ).drop_duplicates(["run", "step"])
     shown = fits.assign(
         sigma=fits["sigma"].map("{:.4g}".format),
-        exponent=fits["exponent"].map("{:.3f}".format),
+        exponent=[f"{b:.3f} ± {se:.3f}" for b, se in zip(fits["exponent"], fits["exponent_se"], strict=True)],
         r2=fits["r2"].map("{:.3f}".format),
-    )[["run", "step", "sigma", "exponent", "r2", "positions"]]
-    print_frame(shown, "std(K_t) fits: σ̂ of σ√t; b and R² of the free fit a·t^b", options.console)
+        range=[f"{a}-{b}" for a, b in zip(fits["t_start"], fits["t_end"], strict=True)],
+    )[["run", "step", "sigma", "exponent", "r2", "range", "positions"]]
+    title = f"std(K_t) fits: σ̂ of σ√τ; b ± se and R² of the free fit a·τ^b\n{positions.FIT_RULE}"
+    print_frame(shown, title, options.console)
     paths = save(std_growth_figure(panels, scale), options.out, "std_growth")
     paths.append(_csv(fits, options.out / "std_growth_fits.csv"))
     _publish(runs, paths, "figures", options)
@@ -315,8 +317,13 @@ def _mechanism_display(frame: pd.DataFrame) -> pd.DataFrame:
         {
             "run": frame["run"],
             "step": frame["step"],
-            "σ̂ (σ√t fit)": frame["sigma"].map("{:.3g}".format),
-            "b (R²)": [f"{b:.2f} ({r:.3f})" for b, r in zip(frame["exponent"], frame["r2"], strict=True)],
+            "σ̂ (σ√τ fit)": frame["sigma"].map("{:.3g}".format),
+            "b ± se (R²), t ≥ t₀": [
+                f"{b:.2f} ± {se:.2f} ({r:.3f}), {t0}"
+                for b, se, r, t0 in zip(
+                    frame["exponent"], frame["exponent_se"], frame["r2"], frame["t_start"], strict=True
+                )
+            ],
             "fixed: first→last ¼": _window_quartiles(frame, "fixed"),
             "√t: first→last ¼": _window_quartiles(frame, "sqrt"),
         }

@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 
 from analysis.curves import CURVES, Curve
-from analysis.positions import GrowthFit, window_label
+from analysis.positions import FIT_RULE, MIN_FIT_TOKENS, GrowthFit, window_label
 from analysis.runs import Run
 from analysis.style import method_color
 
@@ -45,8 +45,8 @@ STYLE: dict[RcKeyType, Any] = {
     "pdf.fonttype": 42,
 }
 SEED_MARKERS = ("o", "s", "^", "D", "v", "P")
-MIN_TOKENS_SHOWN = 10
-"""Per-position std points from fewer tokens are not drawn (too noisy); the fits use every position."""
+MIN_TOKENS_SHOWN = MIN_FIT_TOKENS
+"""Per-position std points from fewer tokens are not drawn (too noisy), nor fitted."""
 LEGEND_HEADROOM = 1.35
 """Top of a linear y axis as a multiple of the data's, leaving room for an upper-left legend."""
 WINDOW_STYLE = {"fixed": "-", "sqrt": "--"}
@@ -158,20 +158,21 @@ def std_growth_figure(panels: Sequence[tuple[str, Sequence[StdSeries]]], scale: 
                         f"per-position std of K_t (positions with ≥ {MIN_TOKENS_SHOWN} tokens)",
                         {"marker": "o", "linestyle": "none", "markersize": 4},
                     ),
-                    ("fit σ√t (weights n_t/t)", {"linestyle": "-"}),
-                    ("free fit a·t^b (log-log, weights n_t)", {"linestyle": "--"}),
+                    ("fit σ√τ (weights n_t/τ)", {"linestyle": "-"}),
+                    ("free fit a·τ^b, b ± se (log-log, weights n_t)", {"linestyle": "--"}),
                 ]
             ),
             loc="outside lower center",
             ncol=3,
             frameon=False,
+            title=FIT_RULE,
+            title_fontsize=8,
         )
     return fig
 
 
 def _draw_std(ax: Axes, s: StdSeries, palette: Palette) -> None:
     color = palette.color(s.run)
-    t = s.std["position"].to_numpy(dtype=float)
     shown = s.std[s.std["n"] >= MIN_TOKENS_SHOWN]
     ax.plot(
         shown["position"],
@@ -183,11 +184,14 @@ def _draw_std(ax: Axes, s: StdSeries, palette: Palette) -> None:
         color=color,
         rasterized=True,
     )
-    grid = np.geomspace(max(t.min(), 1.0), t.max(), 200)
     fit = s.fit
-    label = f"{s.run.label}, step {s.step}: σ̂={fit.sigma:.3g}; b={fit.exponent:.2f}, R²={fit.r2:.3f}"
-    ax.plot(grid, fit.sigma * np.sqrt(grid), color=color, label=label)
-    ax.plot(grid, fit.amplitude * grid**fit.exponent, color=color, linestyle="--", linewidth=1.2)
+    grid = np.geomspace(fit.t_start, fit.t_end, 200)
+    label = (
+        f"{s.run.label}, step {s.step}: σ̂={fit.sigma:.3g}; b={fit.exponent:.2f} ± {fit.exponent_se:.2f}, "
+        f"R²={fit.r2:.2f}, t ≥ {fit.t_start}"
+    )
+    ax.plot(grid, fit.sqrt_curve(grid), color=color, label=label)
+    ax.plot(grid, fit.power_curve(grid), color=color, linestyle="--", linewidth=1.2)
 
 
 # ---------------------------------------------------------------------------------------------

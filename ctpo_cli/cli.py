@@ -161,7 +161,9 @@ def sweep(
         None, help="Ray cluster (local: default start one for the sweep; verl: the job server, required)."
     ),
     workers: int | None = typer.Option(None, help="local: CPUs of the Ray started here (default: all)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid (verl: the job commands); run nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the grid (verl: the job commands); run nothing."
+    ),
 ) -> None:
     """A grid of runs (methods x seeds x --grid overrides) on Ray, resumable, evaluated, with one report."""
     from ctpo_cli.sweep.grid import SweepSpec, parse_grid, parse_methods, parse_seeds
