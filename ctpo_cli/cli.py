@@ -469,12 +469,13 @@ def eval_command(
 def bench_scoring(
     answers: int = typer.Option(2000, help="Responses to score (8 per ground truth, about half right)."),
     workers: int = typer.Option(2, help="Worker processes of the scoring pool."),
+    rounds: int = typer.Option(3, help="Interleaved rounds (baseline, pool, baseline)."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Answers/s of score_batch (math-verify worker pool) vs math-verify called in-process."""
     from ctpo_cli.bench.scoring import bench_scoring as run_bench
 
-    run_bench(answers=answers, workers=workers, out=out or None, console=console)
+    run_bench(answers=answers, workers=workers, rounds=rounds, out=out or None, console=console)
 
 
 data_app = typer.Typer(help="Datasets in verl's parquet format.", no_args_is_help=True)
