@@ -84,33 +84,49 @@ class PositionStats:
         own_low: torch.Tensor,
         own_high: torch.Tensor,
     ) -> None:
-        """Add one micro-batch; all arguments are (B, L), ``position`` counts model tokens from 1."""
+        """Add one micro-batch; all arguments are (B, L), ``position`` counts model tokens from 1.
+
+        The model tokens are first moved into position order (row i's t-th model token to column t-1,
+        one scatter of column indices and a gather per input), so that every per-position sum is a
+        plain column sum: no scatter-add over every token and statistic.
+        """
         import torch
 
-        k = cum_log_ratio.detach().double()
-        d = log_ratio.detach().double()
-        t = position.detach().double().clamp(min=1.0)
+        rows, length = cum_log_ratio.shape
+        device = cum_log_ratio.device
+        model = mask.detach() > 0
+        column = torch.arange(length, device=device).expand(rows, length)
+        # where each model token goes: column t-1; every other token to a column of its own beyond L
+        target = torch.where(model, (position.detach().long() - 1).clamp(0, length - 1), length + column)
+        source = torch.zeros(rows, 2 * length, dtype=torch.long, device=device)
+        source.scatter_(1, target, column)
+        source = source[:, :length]  # source[i, t-1]: the column of row i's t-th model token
+        valid = column < model.sum(-1, keepdim=True)
+
+        def ordered(values: torch.Tensor) -> torch.Tensor:
+            return values.detach().gather(1, source)
+
+        k = torch.where(valid, ordered(cum_log_ratio), 0).double()
+        d = torch.where(valid, ordered(log_ratio), 0).double()
+        t = torch.arange(1, length + 1, device=device, dtype=torch.float64)
         a_low, a_high, power = self.sqrt_window
         scale = t**power
-        columns = (
-            torch.ones_like(k),
-            k,
-            k * k,
-            d,
-            d * d,
-            own_low,
-            own_high,
-            k < self.fixed_window[0],
-            k > self.fixed_window[1],
-            k < -a_low * scale,
-            k > a_high * scale,
+        counts = (
+            valid,
+            ordered(own_low).bool() & valid,
+            ordered(own_high).bool() & valid,
+            (k < self.fixed_window[0]) & valid,
+            (k > self.fixed_window[1]) & valid,
+            (k < -a_low * scale) & valid,
+            (k > a_high * scale) & valid,
         )
-        values = torch.stack([c.double() for c in columns], dim=-1) * mask.detach().double().unsqueeze(-1)
-        length = k.shape[-1]
-        buf = self._buffer(length, k.device)
-        plane = min(self.minibatch, 1)
-        index = (t.long() - 1).clamp(min=0, max=length - 1).reshape(-1)
-        buf[plane].index_add_(0, index, values.reshape(-1, len(STAT_COLUMNS)))
+        n, low, high, fixed_low, fixed_high, sqrt_low, sqrt_high = (
+            c.sum(0, dtype=torch.float64) for c in counts
+        )
+        sums = (k.sum(0), (k * k).sum(0), d.sum(0), (d * d).sum(0))
+        stacked = torch.stack([n, *sums, low, high, fixed_low, fixed_high, sqrt_low, sqrt_high], dim=-1)
+        buf = self._buffer(length, device)
+        buf[min(self.minibatch, 1), :length] += stacked
 
     def _buffer(self, length: int, device: torch.device) -> torch.Tensor:
         """The (2, L, S) buffer, grown (never shrunk) to at least ``length`` positions."""
