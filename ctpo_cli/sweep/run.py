@@ -251,6 +251,7 @@ def check(spec: SweepSpec) -> None:
 
 def print_grid(spec: SweepSpec, out: Path, console: Console) -> None:
     """The cells of the sweep (verl: with the command of each cell's training job)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from ctpo_cli.sweep.jobs import train_entrypoint
@@ -266,5 +267,5 @@ def print_grid(spec: SweepSpec, out: Path, console: Console) -> None:
         row = [cell.name, cell.method, str(cell.seed), " ".join(cell.overrides), sweep.state(cell).status]
         if spec.backend == "verl":
             row.append(train_entrypoint(spec, sweep, cell))
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     console.print(table)
