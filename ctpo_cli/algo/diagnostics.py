@@ -68,6 +68,11 @@ class PositionStats:
         sqrt_window: tuple[float, float, float] = SQRT_WINDOW,
         rank: int | None = None,
     ) -> None:
+        if not (fixed_window[0] <= 0 <= fixed_window[1] and min(sqrt_window) >= 0):
+            raise ValueError(
+                f"reference windows must hold K = 0: fixed {fixed_window} (log-space low <= 0 <= high), "
+                f"sqrt {sqrt_window} (a_low, a_high, p >= 0)"
+            )
         self.out_dir = Path(out_dir)
         self.fixed_window = fixed_window
         self.sqrt_window = sqrt_window
@@ -88,7 +93,8 @@ class PositionStats:
 
         The model tokens are first moved into position order (row i's t-th model token to column t-1,
         one scatter of column indices and a gather per input), so that every per-position sum is a
-        plain column sum: no scatter-add over every token and statistic.
+        plain column sum: no scatter-add over every token and statistic. Sums over the micro-batch's
+        rows are taken in the log-probs' dtype (float32 or wider), then accumulated in float64.
         """
         import torch
 
@@ -101,30 +107,35 @@ class PositionStats:
         source = torch.zeros(rows, 2 * length, dtype=torch.long, device=device)
         source.scatter_(1, target, column)
         source = source[:, :length]  # source[i, t-1]: the column of row i's t-th model token
-        valid = column < model.sum(-1, keepdim=True)
+        tokens = model.sum(-1, keepdim=True)
+        valid = column < tokens
 
         def ordered(values: torch.Tensor) -> torch.Tensor:
             return values.detach().gather(1, source)
 
-        k = torch.where(valid, ordered(cum_log_ratio), 0).double()
-        d = torch.where(valid, ordered(log_ratio), 0).double()
-        t = torch.arange(1, length + 1, device=device, dtype=torch.float64)
+        # K_t and d_t in position order, 0 past a row's last model token (where the gather is garbage);
+        # the reference windows hold 0 (fixed: ratio 0.5 < 1 < 5; sqrt(t): -a t^p <= 0 <= a t^p), so
+        # those zeros are never counted outside them
+        dtype = torch.promote_types(cum_log_ratio.dtype, torch.float32)
+        k = torch.where(valid, ordered(cum_log_ratio), 0).to(dtype)
+        d = torch.where(valid, ordered(log_ratio), 0).to(dtype)
         a_low, a_high, power = self.sqrt_window
-        scale = t**power
+        scale = torch.arange(1, length + 1, device=device, dtype=k.dtype) ** power
         counts = (
-            valid,
             ordered(own_low).bool() & valid,
             ordered(own_high).bool() & valid,
-            (k < self.fixed_window[0]) & valid,
-            (k > self.fixed_window[1]) & valid,
-            (k < -a_low * scale) & valid,
-            (k > a_high * scale) & valid,
+            k < self.fixed_window[0],
+            k > self.fixed_window[1],
+            k < -a_low * scale,
+            k > a_high * scale,
         )
-        n, low, high, fixed_low, fixed_high, sqrt_low, sqrt_high = (
-            c.sum(0, dtype=torch.float64) for c in counts
-        )
+        # n_t: rows with at least t model tokens (a histogram of the rows' token counts, no host sync)
+        histogram = torch.zeros(length + 1, dtype=torch.long, device=device)
+        histogram.scatter_add_(0, tokens.squeeze(-1), torch.ones_like(tokens.squeeze(-1)))
+        n = rows - histogram[:length].cumsum(0)
         sums = (k.sum(0), (k * k).sum(0), d.sum(0), (d * d).sum(0))
-        stacked = torch.stack([n, *sums, low, high, fixed_low, fixed_high, sqrt_low, sqrt_high], dim=-1)
+        columns = [n, *sums, *(torch.count_nonzero(c, dim=0) for c in counts)]
+        stacked = torch.stack([c.double() for c in columns], dim=-1)
         buf = self._buffer(length, device)
         buf[min(self.minibatch, 1), :length] += stacked
 

@@ -428,6 +428,57 @@ def tool_spans(terms: TokenTerms) -> Metrics:
     }
 
 
+class ClippedSurrogate(torch.autograd.Function):
+    """The shared surrogate of every method (module docstring) with its gradient computed in the
+    forward pass, so that the backward pass is one multiplication.
+
+    Per token, with U = -A w and C = -A clamp(w, lo, hi):  l = max(U, C), and with a dual clip c,
+    l = min(l, -A c) where A < 0; then l r when rollout weights r are given. Its derivative in
+    log w is dl/dlog w = U r where the unclipped branch is taken (C > U false: w inside the window,
+    or outside on the side where the clip does not bind) and the dual clip does not bind, else 0:
+    the derivative autograd gives through ``max``/``clamp``/``min``, which at an exact tie l = -A c
+    would take half of it.
+
+    Returns (l, w, clipped = C > U, dual_hit = the dual clip binds, or None); only l has a gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        log_weight: torch.Tensor,
+        advantages: torch.Tensor,
+        low: torch.Tensor,
+        high: torch.Tensor,
+        dual_clip: torch.Tensor | float | None,
+        rollout_is_weights: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        weight = torch.exp(log_weight)
+        negative = -advantages
+        unclipped = negative * weight
+        clipped_loss = negative * torch.clamp(weight, min=low, max=high)
+        clipped = torch.gt(clipped_loss, unclipped)
+        loss = torch.maximum(unclipped, clipped_loss)
+        cut = clipped
+        dual_hit = None
+        if dual_clip is not None:
+            dual = negative * dual_clip
+            dual_hit = torch.gt(loss, dual) & (advantages < 0)
+            loss = torch.where(dual_hit, dual, loss)
+            cut = clipped | dual_hit
+        grad = torch.where(cut, 0.0, unclipped)
+        if rollout_is_weights is not None:
+            loss = loss * rollout_is_weights
+            grad = grad * rollout_is_weights
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(weight, clipped, *([] if dual_hit is None else [dual_hit]))
+        return loss, weight, clipped, dual_hit
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: Any) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad_loss * grad, None, None, None, None, None
+
+
 def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> PolicyLossFn:
     """A function with verl's policy-loss signature computing method ``name``'s loss.
 
@@ -456,40 +507,35 @@ def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> 
         window = method.weight(terms, hp)
         mask = terms.mask
 
-        weight = torch.exp(window.log_weight)
         low, high = (
-            torch.as_tensor(b, dtype=weight.dtype, device=weight.device) for b in (window.low, window.high)
+            torch.as_tensor(b, dtype=log_prob.dtype, device=log_prob.device)
+            for b in (window.low, window.high)
         )
-        clipped_weight = torch.clamp(weight, min=low, max=high)
-        loss_unclipped = -advantages * weight
-        loss_clipped = -advantages * clipped_weight
-        loss = torch.maximum(loss_unclipped, loss_clipped)
+        loss, weight, clipped, dual_hit = ClippedSurrogate.apply(
+            window.log_weight, advantages, low, high, window.dual_clip, rollout_is_weights
+        )
+        model = response_mask.bool()
+        count = mask.sum() + 1e-8  # the denominator of every masked mean, as verl's
         metrics: Metrics = {
-            "actor/pg_clipfrac": masked_mean(torch.gt(loss_clipped, loss_unclipped).float(), mask)
+            "actor/pg_clipfrac": (clipped & model).sum() / count,
+            "actor/pg_clipfrac_lower": torch.zeros((), device=log_prob.device)
+            if dual_hit is None
+            else (dual_hit & model).sum() / count,
         }
-        if window.dual_clip is None:
-            metrics["actor/pg_clipfrac_lower"] = torch.zeros((), device=log_prob.device)
-        else:
-            loss_dual = -advantages * window.dual_clip
-            metrics["actor/pg_clipfrac_lower"] = masked_mean(
-                (torch.gt(loss, loss_dual) & (advantages < 0)).float(), mask
-            )
-            loss = torch.where(advantages < 0, torch.minimum(loss, loss_dual), loss)
-        if rollout_is_weights is not None:
-            loss = loss * rollout_is_weights
 
         agg_mode = method.fixed_agg_mode or loss_agg_mode
         pg_loss = agg_loss(loss, response_mask, agg_mode, **_global_batch_info(config))
 
         with torch.no_grad():
-            below = (weight < low) & response_mask.bool()
-            above = (weight > high) & response_mask.bool()
-            metrics["actor/ppo_kl"] = masked_mean(-terms.log_ratio, mask)
+            below = (weight < low) & model
+            above = (weight > high) & model
+            # d_t is 0 and K_t finite off the mask (token_terms), so these masked means need no where
+            metrics["actor/ppo_kl"] = -terms.log_ratio.sum() / count
             metrics["ctpo/is_weight_mean"] = masked_mean(weight, mask)
-            metrics["ctpo/is_weight_max"] = torch.where(response_mask.bool(), weight, 0.0).max()
-            metrics["ctpo/clip_low_frac"] = masked_mean(below.float(), mask)
-            metrics["ctpo/clip_high_frac"] = masked_mean(above.float(), mask)
-            metrics["ctpo/cum_log_ratio_abs_mean"] = masked_mean(terms.cum_log_ratio.abs(), mask)
+            metrics["ctpo/is_weight_max"] = torch.where(model, weight, 0.0).max()
+            metrics["ctpo/clip_low_frac"] = below.sum() / count
+            metrics["ctpo/clip_high_frac"] = above.sum() / count
+            metrics["ctpo/cum_log_ratio_abs_mean"] = (terms.cum_log_ratio.abs() * mask).sum() / count
             metrics.update(tool_spans(terms))
             accumulator = diagnostics.active()
             if accumulator is not None:
