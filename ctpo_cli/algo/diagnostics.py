@@ -92,7 +92,9 @@ class PositionStats:
         """Add one micro-batch; all arguments are (B, L), ``position`` counts model tokens from 1.
 
         The model tokens are first moved into position order (row i's t-th model token to column t-1,
-        one scatter of column indices and a gather per input), so that every per-position sum is a
+        one scatter of column indices and a gather per input; ``position`` must count the model tokens
+        up to each token, model or not, as :func:`ctpo_cli.algo.losses.token_terms` does), so that
+        every per-position sum is a
         plain column sum: no scatter-add over every token and statistic. Sums over the micro-batch's
         rows are taken in the log-probs' dtype (float32 or wider), then accumulated in float64.
         """
@@ -102,12 +104,12 @@ class PositionStats:
         device = cum_log_ratio.device
         model = mask.detach() > 0
         column = torch.arange(length, device=device).expand(rows, length)
-        # where each model token goes: column t-1; every other token to a column of its own beyond L
-        target = torch.where(model, (position.detach().long() - 1).clamp(0, length - 1), length + column)
-        source = torch.zeros(rows, 2 * length, dtype=torch.long, device=device)
-        source.scatter_(1, target, column)
-        source = source[:, :length]  # source[i, t-1]: the column of row i's t-th model token
-        tokens = model.sum(-1, keepdim=True)
+        tokens = torch.count_nonzero(model, dim=-1).unsqueeze(-1)
+        # a permutation of each row: its t-th model token to column t-1, then its other tokens in order
+        before = position.detach().long()  # model tokens up to here (t on a model token)
+        target = torch.where(model, before - 1, tokens + column - before)
+        source = torch.empty_like(column)
+        source.scatter_(1, target, column)  # source[i, t-1]: the column of row i's t-th model token
         valid = column < tokens
 
         def ordered(values: torch.Tensor) -> torch.Tensor:

@@ -404,7 +404,7 @@ def token_terms(
     log_ratio = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     log_ratio = torch.where(response_mask.bool(), log_ratio, 0.0)
     # t in at least float32 so that it stays exact (to 2^24) when the log-probs are bf16/fp16
-    position = torch.cumsum(response_mask.to(torch.promote_types(log_prob.dtype, torch.float32)), dim=-1)
+    position = torch.cumsum(mask.to(torch.promote_types(mask.dtype, torch.float32)), dim=-1)
     return TokenTerms(
         log_prob=log_prob,
         log_ratio=log_ratio,
@@ -423,8 +423,8 @@ def tool_spans(terms: TokenTerms) -> Metrics:
     inside = (terms.mask == 0) & (terms.position > 0) & (terms.position < terms.length)
     starts = inside[:, 1:] & (terms.mask[:, :-1] > 0)
     return {
-        "ctpo/tool_spans": starts.sum(-1).float().mean(),
-        "ctpo/tool_tokens": inside.sum(-1).float().mean(),
+        "ctpo/tool_spans": torch.count_nonzero(starts, dim=-1).float().mean(),
+        "ctpo/tool_tokens": torch.count_nonzero(inside, dim=-1).float().mean(),
     }
 
 
@@ -517,10 +517,10 @@ def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> 
         model = response_mask.bool()
         count = mask.sum() + 1e-8  # the denominator of every masked mean, as verl's
         metrics: Metrics = {
-            "actor/pg_clipfrac": (clipped & model).sum() / count,
+            "actor/pg_clipfrac": torch.count_nonzero(clipped & model) / count,
             "actor/pg_clipfrac_lower": torch.zeros((), device=log_prob.device)
             if dual_hit is None
-            else (dual_hit & model).sum() / count,
+            else torch.count_nonzero(dual_hit & model) / count,
         }
 
         agg_mode = method.fixed_agg_mode or loss_agg_mode
@@ -533,8 +533,8 @@ def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> 
             metrics["actor/ppo_kl"] = -terms.log_ratio.sum() / count
             metrics["ctpo/is_weight_mean"] = masked_mean(weight, mask)
             metrics["ctpo/is_weight_max"] = torch.where(model, weight, 0.0).max()
-            metrics["ctpo/clip_low_frac"] = below.sum() / count
-            metrics["ctpo/clip_high_frac"] = above.sum() / count
+            metrics["ctpo/clip_low_frac"] = torch.count_nonzero(below) / count
+            metrics["ctpo/clip_high_frac"] = torch.count_nonzero(above) / count
             metrics["ctpo/cum_log_ratio_abs_mean"] = (terms.cum_log_ratio.abs() * mask).sum() / count
             metrics.update(tool_spans(terms))
             accumulator = diagnostics.active()

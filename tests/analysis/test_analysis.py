@@ -72,7 +72,7 @@ def record_plane(
         d = d * mask
         k = d.cumsum(dim=1)
         own = torch.zeros_like(k, dtype=torch.bool)
-        stats.record(k, d, position[: len(chunk)], mask, own, own)
+        stats.record(k, d, mask.cumsum(dim=1), mask, own, own)  # t counts model tokens, as the loss's
 
 
 def write_synthetic_run(
