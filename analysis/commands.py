@@ -146,13 +146,17 @@ def std_growth(
 
     def build(run: Run, step: int, step_rows: pd.DataFrame) -> StdSeries:
         std = positions.std_by_position(step_rows)
-        return StdSeries(run, step, std, positions.fit_growth(std))
+        try:
+            fit: positions.GrowthFit | None = positions.fit_growth(std)
+        except ValueError:  # K_t without variance at this step (e.g. no advantage, no update): no fit
+            fit = None
+        return StdSeries(run, step, std, fit)
 
     runs = _runs(run_args, options)
     panels = _position_panels(runs, steps, include_onpolicy, build)
     fits = pd.DataFrame(
         [
-            {"panel": title, "run": s.run.name, "method": s.run.method, "step": s.step, **vars(s.fit)}
+            {"panel": title, "run": s.run.name, "method": s.run.method, "step": s.step, **_fit_fields(s.fit)}
             for title, series in panels
             for s in series
         ]
@@ -161,14 +165,23 @@ def std_growth(
         sigma=fits["sigma"].map("{:.4g}".format),
         exponent=[f"{b:.3f} ± {se:.3f}" for b, se in zip(fits["exponent"], fits["exponent_se"], strict=True)],
         r2=fits["r2"].map("{:.3f}".format),
-        range=[f"{a}-{b}" for a, b in zip(fits["t_start"], fits["t_end"], strict=True)],
+        range=[f"{a:.0f}-{b:.0f}" for a, b in zip(fits["t_start"], fits["t_end"], strict=True)],
     )[["run", "step", "sigma", "exponent", "r2", "range", "positions"]]
+    shown[fits["sigma"].isna().to_numpy()] = shown[fits["sigma"].isna().to_numpy()].assign(
+        sigma="no variance", exponent="–", r2="–", range="–"
+    )
     title = f"std(K_t) fits: σ̂ of σ√τ; b ± se and R² of the free fit a·τ^b\n{positions.FIT_RULE}"
     print_frame(shown, title, options.console)
     paths = save(std_growth_figure(panels, scale), options.out, "std_growth")
     paths.append(_csv(fits, options.out / "std_growth_fits.csv"))
     _publish(runs, paths, "figures", options)
     return paths
+
+
+def _fit_fields(fit: positions.GrowthFit | None) -> dict[str, float]:
+    """A fit's fields for the table (NaN when there was nothing to fit)."""
+    names = positions.GrowthFit.__dataclass_fields__
+    return vars(fit) if fit is not None else dict.fromkeys(names, math.nan)
 
 
 def clip_rate(

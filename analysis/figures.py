@@ -133,7 +133,8 @@ class StdSeries:
     run: Run
     step: int
     std: pd.DataFrame
-    fit: GrowthFit
+    fit: GrowthFit | None
+    """None when K_t has no variance to fit at this step."""
 
 
 def std_growth_figure(panels: Sequence[tuple[str, Sequence[StdSeries]]], scale: str = "log") -> Figure:
@@ -185,6 +186,9 @@ def _draw_std(ax: Axes, s: StdSeries, palette: Palette) -> None:
         rasterized=True,
     )
     fit = s.fit
+    if fit is None:
+        ax.plot([], [], color=color, label=f"{s.run.label}, step {s.step}: no variance in K_t to fit")
+        return
     grid = np.geomspace(fit.t_start, fit.t_end, 200)
     label = (
         f"{s.run.label}, step {s.step}: σ̂={fit.sigma:.3g}; b={fit.exponent:.2f} ± {fit.exponent_se:.2f}, "
