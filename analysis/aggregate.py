@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.report import Z95
+Z95 = 1.959963984540054
+"""The 97.5% quantile of the standard normal."""
 
 
 @dataclass(frozen=True)

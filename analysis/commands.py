@@ -14,7 +14,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from analysis import positions, report
+from analysis import aggregate, positions, report
 from analysis.curves import CURVES, all_patterns, curve_series, seed_band, smooth
 from analysis.figures import (
     ClipSeries,
@@ -290,6 +290,9 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
     else:
         title = "Ablation: ctpo vs ctpo-fixed (avg@k %, Δ with its 95% interval)"
         sections.append((title, report.ablation_display(ablation), ablation, "ablation"))
+    for model, pairs in _seed_pairs(evaluated):
+        title = f"{model}: pairwise differences a − b over seeds, paired by seed and problem (* : 95% interval excludes 0)"
+        sections.append((title, aggregate.pair_display(pairs), pairs, f"pairs_{model}"))
     behaviour = report.behaviour(groups)
     if not behaviour.empty:
         title = "Eval behaviour (average over benchmarks, mean over seeds)"
@@ -308,6 +311,27 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
     paths.append(md_path)
     _publish(runs, paths, "report", options)
     return paths
+
+
+def _seed_pairs(evaluated: Sequence[tuple[Run, report.EvalResult]]) -> list[tuple[str, pd.DataFrame]]:
+    """Per model with several seeds of some method: every pair of its methods, paired by seed and
+    problem (:func:`analysis.aggregate.pair_table`, the statistics of ``ctpo sweep``'s report)."""
+    by_model: dict[str, list[aggregate.Evaluated]] = {}
+    for run, result in evaluated:
+        row = report.overall_row(result.summary)
+        if run.seed is None or row is None or result.problems is None or run.method == report.BASE:
+            continue
+        item = aggregate.Evaluated(run.method, run.seed, float(row["avg_at_k"]), result.problems)
+        by_model.setdefault(Path(run.model).name, []).append(item)
+    out = []
+    for model, items in by_model.items():
+        methods = list(dict.fromkeys(i.method for i in items))
+        seeds = {m: sum(i.method == m for i in items) for m in methods}
+        if len(methods) >= 2 and max(seeds.values()) >= 2:
+            pairs = aggregate.pair_table(items)
+            if not pairs.empty:
+                out.append((model, pairs))
+    return out
 
 
 def _mechanism(runs: Sequence[Run], console: Console) -> pd.DataFrame:
