@@ -196,7 +196,7 @@ def drift_row(run_dir: Path) -> dict[str, float]:
 
 DRIFT_COLUMNS = {
     "rms_log_ratio": "RMS d_t",
-    "mean_abs_cum_log_ratio": "mean |K_t|",
+    "mean_abs_cum_log_ratio": "mean abs(K_t)",
     "own_clip": "own clip %",
     "fixed_window_out": "K_t outside [0.5, 5] %",
     "sqrt_window_out": "K_t outside √t window %",
