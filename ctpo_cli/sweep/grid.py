@@ -21,6 +21,8 @@ from typing import Any
 
 from ctpo_cli.algo.losses import METHODS
 
+EXPERIMENT = "ctpo-sweep"
+"""The MLflow experiment of sweeps: a parent run per sweep, a child run per cell."""
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"
 LOGS_DIR = "logs"
@@ -173,6 +175,18 @@ class SweepDir:
 
     def write_state(self, cell: Cell, state: CellState) -> None:
         _write_json(self.root / CELLS_DIR / f"{cell.name}.json", asdict(state))
+
+
+def open_child(cell: Cell, state: CellState, parent: str) -> None:
+    """The cell's MLflow child run of ``parent``: created on first use, reopened when continued."""
+    from ctpo_cli.runs import tracking
+
+    if state.child_run_id is None:
+        params = {"method": cell.method, "seed": cell.seed, "overrides": " ".join(cell.overrides)}
+        tags = {tracking.PARENT_TAG: parent, "cell": cell.name}
+        state.child_run_id = tracking.create_run(EXPERIMENT, cell.name, params, tags)
+    else:
+        tracking.reopen_run(state.child_run_id)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ctpo_cli.runs import rundir, tracking
-from ctpo_cli.sweep.grid import MAX_ATTEMPTS, Cell, SweepDir, SweepSpec
+from ctpo_cli.sweep.grid import MAX_ATTEMPTS, Cell, SweepDir, SweepSpec, open_child
 
 HF_CHECKPOINT = "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]"
 """The override that makes verl also save each checkpoint in Hugging Face format (what ``ctpo eval`` loads)."""
@@ -90,11 +90,7 @@ def run_jobs(spec: SweepSpec, sweep: SweepDir, parent: str, address: str, consol
             state = sweep.state(cell)
             submission = job_id(sweep, cell, kind, attempts[cell])
             if submission not in known:
-                if state.child_run_id is None:
-                    params = {"method": cell.method, "seed": cell.seed, "overrides": " ".join(cell.overrides)}
-                    state.child_run_id = tracking.create_run(
-                        "ctpo-sweep", cell.name, params, {tracking.PARENT_TAG: parent, "cell": cell.name}
-                    )
+                open_child(cell, state, parent)
                 entry = (
                     train_entrypoint(spec, sweep, cell)
                     if kind == "train"

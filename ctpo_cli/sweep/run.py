@@ -24,9 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ctpo_cli.runs import tracking
 from ctpo_cli.sweep import local
-from ctpo_cli.sweep.grid import MAX_ATTEMPTS, Cell, CellState, SweepDir, SweepSpec
-
-EXPERIMENT = "ctpo-sweep"
+from ctpo_cli.sweep.grid import EXPERIMENT, MAX_ATTEMPTS, Cell, CellState, SweepDir, SweepSpec, open_child
 
 
 def run_sweep(spec: SweepSpec, out: Path, address: str | None, workers: int | None, console: Console) -> Path:
@@ -158,15 +156,7 @@ def _submit(
 ) -> dict[Any, tuple[str, Cell]]:
     """The cell's next task: its evaluation when it is trained, else its training (a new attempt)."""
     state = sweep.state(cell)
-    if state.child_run_id is None:
-        state.child_run_id = tracking.create_run(
-            EXPERIMENT,
-            cell.name,
-            {"method": cell.method, "seed": cell.seed, "overrides": " ".join(cell.overrides)},
-            {tracking.PARENT_TAG: parent, "cell": cell.name},
-        )
-    else:
-        tracking.reopen_run(state.child_run_id)
+    open_child(cell, state, parent)
     if state.status == "trained" and state.run_dir:
         sweep.write_state(cell, state)
         ref = eval_task.remote(cell, spec.preset, Path(state.run_dir), root, spec.samples, sweep.log(cell))
