@@ -185,9 +185,13 @@ def sweep(
 
         print_grid(spec, out, console)
         return
-    from ctpo_cli.sweep.run import run_sweep
+    from ctpo_cli.sweep.run import SweepFailed, run_sweep
 
-    report = run_sweep(spec, out, address, workers, console)
+    try:
+        report = run_sweep(spec, out, address, workers, console)
+    except SweepFailed as failure:
+        Console(stderr=True).print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     console.print(f"sweep finished: report in {report}")
 
 

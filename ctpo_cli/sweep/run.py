@@ -27,6 +27,10 @@ from ctpo_cli.sweep import local
 from ctpo_cli.sweep.grid import EXPERIMENT, MAX_ATTEMPTS, Cell, CellState, SweepDir, SweepSpec, open_child
 
 
+class SweepFailed(RuntimeError):
+    """Some cells failed twice: the sweep ends without a report (the command says which, in one line)."""
+
+
 def run_sweep(spec: SweepSpec, out: Path, address: str | None, workers: int | None, console: Console) -> Path:
     """Run (or continue) the sweep in ``out``; returns the report directory."""
     from ctpo_cli.sweep.report import write_report
@@ -50,7 +54,7 @@ def run_sweep(spec: SweepSpec, out: Path, address: str | None, workers: int | No
             _run_local(spec, sweep, parent, address, workers, console)
         failed = [c.name for c in cells if sweep.state(c).status != "evaluated"]
         if failed:
-            raise RuntimeError(
+            raise SweepFailed(
                 f"{len(failed)} of {len(cells)} cells failed twice ({', '.join(failed)}); logs in {out}/logs/. "
                 "Rerun the same command to retry them."
             )
@@ -157,11 +161,11 @@ def _submit(
     """The cell's next task: its evaluation when it is trained, else its training (a new attempt)."""
     state = sweep.state(cell)
     open_child(cell, state, parent)
+    state.attempts += 1  # an attempt: the training, or the evaluation of a run that trained
     if state.status == "trained" and state.run_dir:
         sweep.write_state(cell, state)
         ref = eval_task.remote(cell, spec.preset, Path(state.run_dir), root, spec.samples, sweep.log(cell))
         return {ref: ("eval", cell)}
-    state.attempts += 1
     state.status = "training"
     sweep.write_state(cell, state)
     return {train_task.remote(cell, spec.preset, spec.model, root, sweep.log(cell)): ("train", cell)}
