@@ -356,7 +356,7 @@ def _mechanism_display(frame: pd.DataFrame) -> pd.DataFrame:
             "step": frame["step"],
             "σ̂ (σ√τ fit)": frame["sigma"].map("{:.3g}".format),
             "b ± se (R²), t ≥ t₀": [
-                f"{b:.2f} ± {se:.2f} ({r:.3f}), {t0}"
+                "no variance" if math.isnan(b) else f"{b:.2f} ± {se:.2f} ({r:.3f}), {t0:.0f}"
                 for b, se, r, t0 in zip(
                     frame["exponent"], frame["exponent_se"], frame["r2"], frame["t_start"], strict=True
                 )

@@ -188,17 +188,16 @@ def fit_growth(std: pd.DataFrame) -> GrowthFit:
 
 
 def step_summary(rows: pd.DataFrame) -> dict[str, float]:
-    """One step in numbers: the growth fits and, for the fixed and sqrt(t) windows, the clip rate in
-    the first and last token-quartile of positions and their ratio."""
-    fit = fit_growth(std_by_position(rows))
+    """One step in numbers: the growth fits (NaN when K_t has no variance to fit) and, for the fixed
+    and sqrt(t) windows, the clip rate in the first and last token-quartile of positions and their
+    ratio."""
+    keys = ("sigma", "exponent", "exponent_se", "r2", "t_start")
+    try:
+        fit = fit_growth(std_by_position(rows))
+        summary: dict[str, float] = {key: float(getattr(fit, key)) for key in keys}
+    except ValueError:
+        summary = dict.fromkeys(keys, math.nan)
     table = uniformity(rows)
-    summary: dict[str, float] = {
-        "sigma": fit.sigma,
-        "exponent": fit.exponent,
-        "exponent_se": fit.exponent_se,
-        "r2": fit.r2,
-        "t_start": fit.t_start,
-    }
     for window in ("fixed", "sqrt"):
         for column in ("early", "late", "ratio"):
             summary[f"{window}_{column}"] = float(table.at[window, column])

@@ -186,7 +186,7 @@ def test_local_sweep_on_ray_reports_and_resumes(run_ctpo: RunCtpo, tmp_path: Pat
     assert pairs[["a", "b", "seeds"]].values.tolist() == [["grpo", "ctpo", 2]]
     states = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "sw" / "cells").glob("*.json")}
     assert sorted(states) == ["ctpo-s0", "ctpo-s1", "grpo-s0", "grpo-s1"]
-    assert all(s["status"] == "evaluated" and s["attempts"] == 1 for s in states.values())
+    assert all(s["status"] == "evaluated" and s["attempts"] == 1 for s in states.values()), states
     assert "held-out avg@k" in first.stdout
     runs_before = sorted(p.name for p in (tmp_path / "sw" / "runs").iterdir())
 
