@@ -14,7 +14,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from analysis import positions, report
+from analysis import aggregate, positions, report
 from analysis.curves import CURVES, all_patterns, curve_series, seed_band, smooth
 from analysis.figures import (
     ClipSeries,
@@ -76,7 +76,7 @@ def _publish(runs: Sequence[Run], paths: Sequence[Path], artifact_path: str, opt
             options.console.print(message, highlight=False)
 
 
-def _print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
+def print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
     table = Table(*[str(c) for c in frame.columns], title=title)
     for row in frame.itertuples(index=False):
         table.add_row(*[str(v) for v in row])
@@ -146,27 +146,42 @@ def std_growth(
 
     def build(run: Run, step: int, step_rows: pd.DataFrame) -> StdSeries:
         std = positions.std_by_position(step_rows)
-        return StdSeries(run, step, std, positions.fit_growth(std))
+        try:
+            fit: positions.GrowthFit | None = positions.fit_growth(std)
+        except ValueError:  # K_t without variance at this step (e.g. no advantage, no update): no fit
+            fit = None
+        return StdSeries(run, step, std, fit)
 
     runs = _runs(run_args, options)
     panels = _position_panels(runs, steps, include_onpolicy, build)
     fits = pd.DataFrame(
         [
-            {"panel": title, "run": s.run.name, "method": s.run.method, "step": s.step, **vars(s.fit)}
+            {"panel": title, "run": s.run.name, "method": s.run.method, "step": s.step, **_fit_fields(s.fit)}
             for title, series in panels
             for s in series
         ]
     ).drop_duplicates(["run", "step"])
     shown = fits.assign(
         sigma=fits["sigma"].map("{:.4g}".format),
-        exponent=fits["exponent"].map("{:.3f}".format),
+        exponent=[f"{b:.3f} ± {se:.3f}" for b, se in zip(fits["exponent"], fits["exponent_se"], strict=True)],
         r2=fits["r2"].map("{:.3f}".format),
-    )[["run", "step", "sigma", "exponent", "r2", "positions"]]
-    _print_frame(shown, "std(K_t) fits: σ̂ of σ√t; b and R² of the free fit a·t^b", options.console)
+        range=[f"{a:.0f}-{b:.0f}" for a, b in zip(fits["t_start"], fits["t_end"], strict=True)],
+    )[["run", "step", "sigma", "exponent", "r2", "range", "positions"]]
+    shown[fits["sigma"].isna().to_numpy()] = shown[fits["sigma"].isna().to_numpy()].assign(
+        sigma="no variance", exponent="–", r2="–", range="–"
+    )
+    title = f"std(K_t) fits: σ̂ of σ√τ; b ± se and R² of the free fit a·τ^b\n{positions.FIT_RULE}"
+    print_frame(shown, title, options.console)
     paths = save(std_growth_figure(panels, scale), options.out, "std_growth")
     paths.append(_csv(fits, options.out / "std_growth_fits.csv"))
     _publish(runs, paths, "figures", options)
     return paths
+
+
+def _fit_fields(fit: positions.GrowthFit | None) -> dict[str, float]:
+    """A fit's fields for the table (NaN when there was nothing to fit)."""
+    names = positions.GrowthFit.__dataclass_fields__
+    return vars(fit) if fit is not None else dict.fromkeys(names, math.nan)
 
 
 def clip_rate(
@@ -183,7 +198,7 @@ def clip_rate(
     table = pd.concat(
         [s.uniformity.rename_axis("window").reset_index().assign(run=s.run.name, step=s.step) for s in series]
     )
-    _print_frame(_uniformity_display(table), UNIFORMITY_TITLE, options.console)
+    print_frame(_uniformity_display(table), UNIFORMITY_TITLE, options.console)
     binned = pd.concat([s.rates.assign(run=s.run.name, method=s.run.method, step=s.step) for s in series])
     paths = save(clip_rate_figure(panels), options.out, "clip_rate")
     paths.append(_csv(table, options.out / "clip_rate_uniformity.csv"))
@@ -275,6 +290,9 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
     else:
         title = "Ablation: ctpo vs ctpo-fixed (avg@k %, Δ with its 95% interval)"
         sections.append((title, report.ablation_display(ablation), ablation, "ablation"))
+    for model, pairs in _seed_pairs(evaluated):
+        title = f"{model}: pairwise differences a − b over seeds, paired by seed and problem (* : 95% interval excludes 0)"
+        sections.append((title, aggregate.pair_display(pairs), pairs, f"pairs_{model}"))
     behaviour = report.behaviour(groups)
     if not behaviour.empty:
         title = "Eval behaviour (average over benchmarks, mean over seeds)"
@@ -285,7 +303,7 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
         sections.append((title, _mechanism_display(mechanism), mechanism, "mechanism"))
     paths = []
     for title, shown, data, stem in sections:
-        _print_frame(shown, title, options.console)
+        print_frame(shown, title, options.console)
         paths.append(_csv(data, options.out / f"report_{stem}.csv"))
     markdown = "\n\n".join(f"### {title}\n\n{report.markdown(shown)}" for title, shown, _, _ in sections)
     md_path = options.out / "report.md"
@@ -293,6 +311,27 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
     paths.append(md_path)
     _publish(runs, paths, "report", options)
     return paths
+
+
+def _seed_pairs(evaluated: Sequence[tuple[Run, report.EvalResult]]) -> list[tuple[str, pd.DataFrame]]:
+    """Per model with several seeds of some method: every pair of its methods, paired by seed and
+    problem (:func:`analysis.aggregate.pair_table`, the statistics of ``ctpo sweep``'s report)."""
+    by_model: dict[str, list[aggregate.Evaluated]] = {}
+    for run, result in evaluated:
+        row = report.overall_row(result.summary)
+        if run.seed is None or row is None or result.problems is None or run.method == report.BASE:
+            continue
+        item = aggregate.Evaluated(run.method, run.seed, float(row["avg_at_k"]), result.problems)
+        by_model.setdefault(Path(run.model).name, []).append(item)
+    out = []
+    for model, items in by_model.items():
+        methods = list(dict.fromkeys(i.method for i in items))
+        seeds = {m: sum(i.method == m for i in items) for m in methods}
+        if len(methods) >= 2 and max(seeds.values()) >= 2:
+            pairs = aggregate.pair_table(items)
+            if not pairs.empty:
+                out.append((model, pairs))
+    return out
 
 
 def _mechanism(runs: Sequence[Run], console: Console) -> pd.DataFrame:
@@ -315,8 +354,13 @@ def _mechanism_display(frame: pd.DataFrame) -> pd.DataFrame:
         {
             "run": frame["run"],
             "step": frame["step"],
-            "σ̂ (σ√t fit)": frame["sigma"].map("{:.3g}".format),
-            "b (R²)": [f"{b:.2f} ({r:.3f})" for b, r in zip(frame["exponent"], frame["r2"], strict=True)],
+            "σ̂ (σ√τ fit)": frame["sigma"].map("{:.3g}".format),
+            "b ± se (R²), t ≥ t₀": [
+                "no variance" if math.isnan(b) else f"{b:.2f} ± {se:.2f} ({r:.3f}), {t0:.0f}"
+                for b, se, r, t0 in zip(
+                    frame["exponent"], frame["exponent_se"], frame["r2"], frame["t_start"], strict=True
+                )
+            ],
             "fixed: first→last ¼": _window_quartiles(frame, "fixed"),
             "√t: first→last ¼": _window_quartiles(frame, "sqrt"),
         }

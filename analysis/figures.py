@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 
 from analysis.curves import CURVES, Curve
-from analysis.positions import GrowthFit, window_label
+from analysis.positions import FIT_RULE, MIN_FIT_TOKENS, GrowthFit, window_label
 from analysis.runs import Run
 from analysis.style import method_color
 
@@ -45,8 +45,8 @@ STYLE: dict[RcKeyType, Any] = {
     "pdf.fonttype": 42,
 }
 SEED_MARKERS = ("o", "s", "^", "D", "v", "P")
-MIN_TOKENS_SHOWN = 10
-"""Per-position std points from fewer tokens are not drawn (too noisy); the fits use every position."""
+MIN_TOKENS_SHOWN = MIN_FIT_TOKENS
+"""Per-position std points from fewer tokens are not drawn (too noisy), nor fitted."""
 LEGEND_HEADROOM = 1.35
 """Top of a linear y axis as a multiple of the data's, leaving room for an upper-left legend."""
 WINDOW_STYLE = {"fixed": "-", "sqrt": "--"}
@@ -133,7 +133,8 @@ class StdSeries:
     run: Run
     step: int
     std: pd.DataFrame
-    fit: GrowthFit
+    fit: GrowthFit | None
+    """None when K_t has no variance to fit at this step."""
 
 
 def std_growth_figure(panels: Sequence[tuple[str, Sequence[StdSeries]]], scale: str = "log") -> Figure:
@@ -158,20 +159,21 @@ def std_growth_figure(panels: Sequence[tuple[str, Sequence[StdSeries]]], scale: 
                         f"per-position std of K_t (positions with ≥ {MIN_TOKENS_SHOWN} tokens)",
                         {"marker": "o", "linestyle": "none", "markersize": 4},
                     ),
-                    ("fit σ√t (weights n_t/t)", {"linestyle": "-"}),
-                    ("free fit a·t^b (log-log, weights n_t)", {"linestyle": "--"}),
+                    ("fit σ√τ (weights n_t/τ)", {"linestyle": "-"}),
+                    ("free fit a·τ^b, b ± se (log-log, weights n_t)", {"linestyle": "--"}),
                 ]
             ),
             loc="outside lower center",
             ncol=3,
             frameon=False,
+            title=FIT_RULE,
+            title_fontsize=8,
         )
     return fig
 
 
 def _draw_std(ax: Axes, s: StdSeries, palette: Palette) -> None:
     color = palette.color(s.run)
-    t = s.std["position"].to_numpy(dtype=float)
     shown = s.std[s.std["n"] >= MIN_TOKENS_SHOWN]
     ax.plot(
         shown["position"],
@@ -183,11 +185,17 @@ def _draw_std(ax: Axes, s: StdSeries, palette: Palette) -> None:
         color=color,
         rasterized=True,
     )
-    grid = np.geomspace(max(t.min(), 1.0), t.max(), 200)
     fit = s.fit
-    label = f"{s.run.label}, step {s.step}: σ̂={fit.sigma:.3g}; b={fit.exponent:.2f}, R²={fit.r2:.3f}"
-    ax.plot(grid, fit.sigma * np.sqrt(grid), color=color, label=label)
-    ax.plot(grid, fit.amplitude * grid**fit.exponent, color=color, linestyle="--", linewidth=1.2)
+    if fit is None:
+        ax.plot([], [], color=color, label=f"{s.run.label}, step {s.step}: no variance in K_t to fit")
+        return
+    grid = np.geomspace(fit.t_start, fit.t_end, 200)
+    label = (
+        f"{s.run.label}, step {s.step}: σ̂={fit.sigma:.3g}; b={fit.exponent:.2f} ± {fit.exponent_se:.2f}, "
+        f"R²={fit.r2:.2f}, t ≥ {fit.t_start}"
+    )
+    ax.plot(grid, fit.sqrt_curve(grid), color=color, label=label)
+    ax.plot(grid, fit.power_curve(grid), color=color, linestyle="--", linewidth=1.2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,3 +357,45 @@ def _draw_curve(ax: Axes, curve: Curve, methods: Sequence[MethodCurves], colors:
             transform=ax.transAxes,
             color="0.4",
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# methods over seeds
+
+
+def comparison_figure(methods: pd.DataFrame, pairs: pd.DataFrame, title: str) -> Figure:
+    """Left: each method's avg@k per seed (dots) and its mean with the 95% t-interval over seeds.
+    Right: every pairwise difference a − b, paired by seed and problem, with its 95% interval
+    (``analysis.aggregate``); intervals that exclude 0 are drawn solid, the others faded."""
+    colors = method_colors(list(methods["method"]))
+    with styled():
+        fig = Figure(figsize=(11, 0.9 + 0.42 * max(len(methods), len(pairs), 4)), layout="constrained")
+        left, right = fig.subplots(1, 2, width_ratios=(1, 1.2))
+        for row, item in enumerate(methods.itertuples(index=False)):
+            y = len(methods) - 1 - row
+            color = colors[item.method]
+            left.plot(
+                [100 * v for v in item.values], [y] * len(item.values), "o", color=color, alpha=0.45, ms=4
+            )
+            if not math.isnan(item.ci_low):
+                left.plot([100 * item.ci_low, 100 * item.ci_high], [y, y], color=color, lw=2.5)
+            left.plot([100 * item.mean], [y], "|", color="black", ms=14, mew=2)
+        left.set_yticks(range(len(methods)), list(methods["method"])[::-1])
+        left.set(xlabel="held-out avg@k (%)", title="per method: seeds (dots), mean, 95% t-interval")
+        for row, item in enumerate(pairs.itertuples(index=False)):
+            y = len(pairs) - 1 - row
+            excludes_zero = item.ci_low > 0 or item.ci_high < 0
+            alpha = 1.0 if excludes_zero else 0.45
+            right.plot([100 * item.ci_low, 100 * item.ci_high], [y, y], color="0.2", lw=2.5, alpha=alpha)
+            right.plot([100 * item.delta], [y], "o", color="0.2", alpha=alpha)
+            right.plot([100 * d for d in item.per_seed], [y] * len(item.per_seed), "x", color="0.5", ms=4)
+        right.axvline(0, color="0.5", lw=1, linestyle=":")
+        right.set_yticks(
+            range(len(pairs)), [f"{a} − {b}" for a, b in zip(pairs["a"], pairs["b"], strict=True)][::-1]
+        )
+        right.set(
+            xlabel="difference (percentage points)",
+            title="pairs, by seed and problem: per seed (x), Δ and 95% interval",
+        )
+        fig.suptitle(title)
+    return fig

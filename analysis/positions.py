@@ -4,12 +4,21 @@ Input is the frame of :func:`ctpo_cli.algo.diagnostics.read_positions` (one row 
 position t with sums over tokens). Everything here is a closed-form reduction of those sums.
 
 * std of K_t at t:  s_t = sqrt((sum K^2 - (sum K)^2 / n_t) / (n_t - 1))   (unbiased; n_t >= 2)
-* sigma fit:  s_t = sigma sqrt(t), weighted least squares with weights n_t / t, the inverse of the
-  large-sample variance Var(s_t) ~ sigma^2 t / (2 n_t). Closed form:
-      sigma = sum_t n_t s_t / sqrt(t)  /  sum_t n_t
-  (the token-weighted mean of s_t / sqrt(t)).
-* free exponent: log s_t = log a + b log t by least squares with weights n_t (Var(log s_t) ~
-  1 / (2 n_t)); R^2 is the weighted coefficient of determination of that regression.
+* fit range (where K_t has variance): positions with n_t >= MIN_FIT_TOKENS tokens from t_0 on, the
+  first such position where s_t reaches VARIANCE_FLOOR nats (the ratio exp(K_t) varies by 0.1%).
+  Before t_0 the tokens are deterministic, e.g. a response's fixed format, and std(K_t) is 0 up to
+  rounding: a power law fitted through them describes the jump out of 0, not the growth. Growth is measured
+  from there: tau = t - t_0 + 1 (tau = t when K_t has variance from the first token).
+* sigma fit over the range:  s_t = sigma sqrt(tau), weighted least squares with weights n_t / tau,
+  the inverse of the large-sample variance Var(s_t) ~ sigma^2 tau / (2 n_t). Closed form:
+      sigma = sum_t n_t s_t / sqrt(tau)  /  sum_t n_t
+  (the token-weighted mean of s_t / sqrt(tau)).
+* free exponent over the range: log s_t = log a + b log tau by least squares with weights n_t
+  (Var(log s_t) ~ 1 / (2 n_t)); R^2 is the weighted coefficient of determination, and the standard
+  error of b is the weighted-regression one from the residuals,
+      se(b) = sqrt( sum_t n_t r_t^2 / (m - 2)  /  sum_t n_t (x_t - x̄)^2 ),   x = log tau, m positions
+  (neighbouring s_t share tokens, so it understates the uncertainty of b; it measures how well one
+  power law describes the points).
 * clip rate of a window in a set of positions: (tokens below + tokens above) / tokens.
 * uniformity: clip rate in the last token-quartile of positions over the rate in the first one,
   where the first quartile is the positions holding the first 25% of tokens (cumulative n_t) and
@@ -47,20 +56,44 @@ def window_label(window: str) -> str:
     return "method's own window"
 
 
+MIN_FIT_TOKENS = 10
+"""Positions with fewer tokens are left out of the fits (and not drawn)."""
+VARIANCE_FLOOR = 1e-3
+"""The fit range starts where s_t first reaches this many nats (module docstring)."""
+FIT_RULE = (
+    f"fits in τ = t − t₀ + 1 over t ≥ t₀, the first position (with ≥ {MIN_FIT_TOKENS} tokens) where "
+    f"std(K_t) ≥ {VARIANCE_FLOOR:g} nats: before t₀, K_t has no variance"
+)
+
+
 @dataclass(frozen=True)
 class GrowthFit:
     """Fits of the std of K_t against position (see the module docstring)."""
 
     sigma: float
-    """sigma of s_t = sigma sqrt(t)."""
+    """sigma of s_t = sigma sqrt(tau), tau = t - t_start + 1."""
     amplitude: float
-    """a of the free fit s_t = a t^b."""
+    """a of the free fit s_t = a tau^b."""
     exponent: float
     """b of the free fit (0.5 for independent per-token log ratios)."""
+    exponent_se: float
+    """Standard error of b (module docstring)."""
     r2: float
     """Weighted R^2 of the log-log regression."""
     positions: int
-    """Positions used (n_t >= 2 and s_t > 0)."""
+    """Positions used (the fit range, s_t > 0)."""
+    t_start: int
+    """t_0, the first position of the fit range."""
+    t_end: int
+    """The last position of the fit range."""
+
+    def sqrt_curve(self, t: np.ndarray) -> np.ndarray:
+        """sigma sqrt(tau) at positions t of the fit range."""
+        return self.sigma * np.sqrt(t - self.t_start + 1)
+
+    def power_curve(self, t: np.ndarray) -> np.ndarray:
+        """a tau^b at positions t of the fit range."""
+        return self.amplitude * (t - self.t_start + 1) ** self.exponent
 
 
 def select_plane(frame: pd.DataFrame, include_onpolicy: bool = False) -> pd.DataFrame:
@@ -118,31 +151,53 @@ def std_by_position(rows: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def fit_range(std: pd.DataFrame) -> pd.DataFrame:
+    """The rows of :func:`std_by_position`'s output that the fits use (module docstring)."""
+    rows = std[(std["n"] >= MIN_FIT_TOKENS) & (std["std"] > 0)]
+    if rows.empty:
+        return rows
+    has_variance = rows["std"] >= VARIANCE_FLOOR
+    if not has_variance.any():
+        return rows.iloc[:0]
+    return rows[rows["position"] >= rows.loc[has_variance, "position"].min()]
+
+
 def fit_growth(std: pd.DataFrame) -> GrowthFit:
-    """The sigma sqrt(t) fit and the free power-law fit of :func:`std_by_position`'s output."""
-    std = std[std["std"] > 0]
-    if std["position"].nunique() < 2:
-        raise ValueError("need at least two positions with a non-zero std of K_t to fit its growth")
+    """The sigma sqrt(t) fit and the free power-law fit of :func:`std_by_position`'s output, over the
+    fit range (module docstring)."""
+    std = fit_range(std)
+    if std["position"].nunique() < 3:
+        raise ValueError(
+            f"need at least three positions with ≥ {MIN_FIT_TOKENS} tokens and a non-zero std of K_t to fit its growth"
+        )
     t = std["position"].to_numpy(dtype=float)
+    tau = t - t.min() + 1
     n = std["n"].to_numpy(dtype=float)
     s = std["std"].to_numpy(dtype=float)
-    sigma = float(np.sum(n * s / np.sqrt(t)) / np.sum(n))
-    x, y = np.log(t), np.log(s)
+    sigma = float(np.sum(n * s / np.sqrt(tau)) / np.sum(n))
+    x, y = np.log(tau), np.log(s)
     x_bar, y_bar = np.average(x, weights=n), np.average(y, weights=n)
-    slope = float(np.sum(n * (x - x_bar) * (y - y_bar)) / np.sum(n * (x - x_bar) ** 2))
+    sxx = np.sum(n * (x - x_bar) ** 2)
+    slope = float(np.sum(n * (x - x_bar) * (y - y_bar)) / sxx)
     intercept = y_bar - slope * x_bar
     residual = np.sum(n * (y - intercept - slope * x) ** 2)
     total = np.sum(n * (y - y_bar) ** 2)
     r2 = float(1.0 - residual / total) if total > 0 else 1.0
-    return GrowthFit(sigma, float(math.exp(intercept)), slope, r2, len(t))
+    se = float(math.sqrt(residual / (len(t) - 2) / sxx))
+    return GrowthFit(sigma, float(math.exp(intercept)), slope, se, r2, len(t), int(t.min()), int(t.max()))
 
 
 def step_summary(rows: pd.DataFrame) -> dict[str, float]:
-    """One step in numbers: the growth fits and, for the fixed and sqrt(t) windows, the clip rate in
-    the first and last token-quartile of positions and their ratio."""
-    fit = fit_growth(std_by_position(rows))
+    """One step in numbers: the growth fits (NaN when K_t has no variance to fit) and, for the fixed
+    and sqrt(t) windows, the clip rate in the first and last token-quartile of positions and their
+    ratio."""
+    keys = ("sigma", "exponent", "exponent_se", "r2", "t_start")
+    try:
+        fit = fit_growth(std_by_position(rows))
+        summary: dict[str, float] = {key: float(getattr(fit, key)) for key in keys}
+    except ValueError:
+        summary = dict.fromkeys(keys, math.nan)
     table = uniformity(rows)
-    summary = {"sigma": fit.sigma, "exponent": fit.exponent, "r2": fit.r2}
     for window in ("fixed", "sqrt"):
         for column in ("early", "late", "ratio"):
             summary[f"{window}_{column}"] = float(table.at[window, column])

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.aggregate import Z95, mean_interval
 from analysis.runs import Run
 
 EVAL_DIR = "eval"
@@ -43,7 +44,6 @@ PER_PROBLEM_FILE = "per_problem.csv"
 EVAL_CONFIG_FILE = "eval_config.json"
 AVERAGE = "average"
 BASE = "base"
-Z95 = 1.959963984540054
 PAPER_BENCHMARKS = frozenset({"aime25", "aime26", "hmmtnov2025", "brumo2025"})
 PAPER_TABLE2: dict[str, dict[str, float]] = {
     "qwen3-4b": {"base": 3.9, "grpo": 43.2, "gspo": 47.7, "ctpo": 51.4},
@@ -140,11 +140,7 @@ def combine(summaries: Sequence[pd.DataFrame], benchmark: str) -> dict[str, floa
             "stderr": float(row["stderr"]),
             "seeds": 1,
         }
-    from scipy.stats import t
-
-    stderr = float(values.std(ddof=1) / math.sqrt(len(values)))
-    half = float(t.ppf(0.975, len(values) - 1)) * stderr
-    mean = float(values.mean())
+    mean, stderr, half = mean_interval(values.tolist())
     return {
         "mean": mean,
         "ci_low": mean - half,

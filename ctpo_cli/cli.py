@@ -145,6 +145,57 @@ def quickstart(
     run_quickstart(seed, preset, chosen, list(overrides or []), samples, out, figures, console)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(
+    overrides: list[str] = typer.Argument(None, help="key=value overrides applied to every cell."),
+    methods: str = typer.Option("all", help="all, or comma-separated methods."),
+    seeds: str = typer.Option("0-4", help="Seeds: ranges and lists, e.g. 0-4 or 0,3,7."),
+    grid: list[str] = typer.Option(
+        [], "--grid", help="key=v1,v2: one more axis of the grid (repeatable; every combination runs)."
+    ),
+    backend: str = typer.Option("local", help="local (Ray tasks) or verl (Ray jobs on --address)."),
+    preset: str = typer.Option("tiny", help="local: configuration preset."),
+    model: str | None = typer.Option(None, help="Model (as for ctpo train; default: the backend's)."),
+    samples: int = typer.Option(8, help="local: samples per held-out problem (the k of avg@k)."),
+    out: Path = typer.Option(Path("sweeps") / "sweep", help="Sweep directory (rerun to resume)."),
+    address: str | None = typer.Option(
+        None, help="Ray cluster (local: default start one for the sweep; verl: the job server, required)."
+    ),
+    workers: int | None = typer.Option(None, help="local: CPUs of the Ray started here (default: all)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the grid (verl: the job commands); run nothing."
+    ),
+) -> None:
+    """A grid of runs (methods x seeds x --grid overrides) on Ray, resumable, evaluated, with one report."""
+    from ctpo_cli.sweep.grid import SweepSpec, parse_grid, parse_methods, parse_seeds
+
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    spec = SweepSpec(
+        backend=backend,
+        preset=preset,
+        model=model,
+        methods=tuple(parse_methods(methods)),
+        seeds=tuple(parse_seeds(seeds)),
+        override_sets=tuple(parse_grid(grid)),
+        common=tuple(overrides or []),
+        samples=samples,
+    )
+    if dry_run:
+        from ctpo_cli.sweep.run import print_grid
+
+        print_grid(spec, out, console)
+        return
+    from ctpo_cli.sweep.run import SweepFailed, run_sweep
+
+    try:
+        report = run_sweep(spec, out, address, workers, console)
+    except SweepFailed as failure:
+        Console(stderr=True).print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"sweep finished: report in {report}")
+
+
 @bench_app.command("loss")
 def bench_loss(
     batch: int = typer.Option(64, help="Responses per micro-batch."),
@@ -429,12 +480,13 @@ def eval_command(
 def bench_scoring(
     answers: int = typer.Option(2000, help="Responses to score (8 per ground truth, about half right)."),
     workers: int = typer.Option(2, help="Worker processes of the scoring pool."),
+    rounds: int = typer.Option(3, help="Interleaved rounds (baseline, pool, baseline)."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Answers/s of score_batch (math-verify worker pool) vs math-verify called in-process."""
     from ctpo_cli.bench.scoring import bench_scoring as run_bench
 
-    run_bench(answers=answers, workers=workers, out=out or None, console=console)
+    run_bench(answers=answers, workers=workers, rounds=rounds, out=out or None, console=console)
 
 
 data_app = typer.Typer(help="Datasets in verl's parquet format.", no_args_is_help=True)

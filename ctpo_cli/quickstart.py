@@ -18,7 +18,6 @@ from rich.table import Table
 from ctpo_cli.algo.losses import METHODS
 from ctpo_cli.runs import rundir
 from ctpo_cli.train.local.config import build_config
-from ctpo_cli.train.local.task import DATA_SOURCE, write_eval_set
 from ctpo_cli.train.local.train import starting_checkpoint, train_local
 
 QUICKSTART_EVAL = Path("eval") / "quickstart"
@@ -41,8 +40,7 @@ def quickstart(
 ) -> pd.DataFrame:
     """Train, evaluate, plot and compare ``methods``; returns the comparison table."""
     from analysis import commands
-    from ctpo_cli.eval.runner import run_eval
-    from ctpo_cli.eval.settings import EvalSettings
+    from ctpo_cli.sweep.heldout import evaluate_heldout, heldout_benchmark
 
     console = console or Console()
     for method in methods:
@@ -63,27 +61,14 @@ def quickstart(
         )
 
     console.rule("[bold]held-out evaluation (ctpo eval)")
-    benchmark = write_eval_set(runs_dir / QUICKSTART_DIR / f"{DATA_SOURCE}.parquet", config.task, seed)
+    benchmark = heldout_benchmark(runs_dir / QUICKSTART_DIR, config, seed)
     start_eval = runs_dir / QUICKSTART_DIR / START_EVAL
-
-    def evaluate(model: Path, out: Path) -> None:
-        settings = EvalSettings(
-            model=str(model),
-            benchmarks=(str(benchmark),),
-            n=samples,
-            temperature=config.rl.temperature,
-            max_tokens=config.rl.max_new_tokens,
-            tools=False,
-            prompt_as_is=True,  # the prompts the policy was trained on, no system prompt
-            backend="hf",
-            out=out,
-            seed=seed,
-        )
-        run_eval(settings, console)
-
-    evaluate(starting_checkpoint(config, None, seed, runs_dir), start_eval)
+    start = starting_checkpoint(config, None, seed, runs_dir)
+    evaluate_heldout(start, benchmark, config, samples, seed, start_eval, console)
     for run in runs.values():
-        evaluate(run / rundir.CHECKPOINT_DIR, run / QUICKSTART_EVAL)
+        evaluate_heldout(
+            run / rundir.CHECKPOINT_DIR, benchmark, config, samples, seed, run / QUICKSTART_EVAL, console
+        )
 
     console.rule("[bold]figures and report")
     options = commands.Options(out=Path(figures_dir), console=console)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -68,6 +68,11 @@ class PositionStats:
         sqrt_window: tuple[float, float, float] = SQRT_WINDOW,
         rank: int | None = None,
     ) -> None:
+        if not (fixed_window[0] <= 0 <= fixed_window[1] and min(sqrt_window) >= 0):
+            raise ValueError(
+                f"reference windows must hold K = 0: fixed {fixed_window} (log-space low <= 0 <= high), "
+                f"sqrt {sqrt_window} (a_low, a_high, p >= 0)"
+            )
         self.out_dir = Path(out_dir)
         self.fixed_window = fixed_window
         self.sqrt_window = sqrt_window
@@ -84,33 +89,20 @@ class PositionStats:
         own_low: torch.Tensor,
         own_high: torch.Tensor,
     ) -> None:
-        """Add one micro-batch; all arguments are (B, L), ``position`` counts model tokens from 1."""
-        import torch
+        """Add one micro-batch; all arguments are (B, L), ``position`` counts model tokens from 1 (up
+        to each token, model or not, as :func:`ctpo_cli.algo.losses.token_terms` does).
 
-        k = cum_log_ratio.detach().double()
-        d = log_ratio.detach().double()
-        t = position.detach().double().clamp(min=1.0)
-        a_low, a_high, power = self.sqrt_window
-        scale = t**power
-        columns = (
-            torch.ones_like(k),
-            k,
-            k * k,
-            d,
-            d * d,
-            own_low,
-            own_high,
-            k < self.fixed_window[0],
-            k > self.fixed_window[1],
-            k < -a_low * scale,
-            k > a_high * scale,
-        )
-        values = torch.stack([c.double() for c in columns], dim=-1) * mask.detach().double().unsqueeze(-1)
-        length = k.shape[-1]
-        buf = self._buffer(length, k.device)
-        plane = min(self.minibatch, 1)
-        index = (t.long() - 1).clamp(min=0, max=length - 1).reshape(-1)
-        buf[plane].index_add_(0, index, values.reshape(-1, len(STAT_COLUMNS)))
+        The model tokens are first moved into position order (row i's t-th model token to column t-1:
+        one scatter of column indices, a gather per input), so that every per-position sum is a plain
+        column sum, with no scatter-add over every token and statistic. Sums over the micro-batch's
+        rows are taken in the log-probs' dtype (float32 or wider), then accumulated in float64.
+        """
+        length = cum_log_ratio.shape[1]
+        windows = (*self.fixed_window, *self.sqrt_window)
+        inputs = [x.detach() for x in (cum_log_ratio, log_ratio, position, mask, own_low, own_high)]
+        stacked = position_sums(*inputs, *windows)
+        buf = self._buffer(length, cum_log_ratio.device)
+        buf[min(self.minibatch, 1), :length] += stacked
 
     def _buffer(self, length: int, device: torch.device) -> torch.Tensor:
         """The (2, L, S) buffer, grown (never shrunk) to at least ``length`` positions."""
@@ -162,6 +154,84 @@ class PositionStats:
         out = pd.concat(frames, ignore_index=True)
         out.insert(0, "step", step)
         return out
+
+
+def _position_sums(
+    cum_log_ratio: torch.Tensor,
+    log_ratio: torch.Tensor,
+    position: torch.Tensor,
+    mask: torch.Tensor,
+    own_low: torch.Tensor,
+    own_high: torch.Tensor,
+    fixed_low: float,
+    fixed_high: float,
+    a_low: float,
+    a_high: float,
+    power: float,
+) -> torch.Tensor:
+    """The (L, S) per-position sums of one micro-batch, columns :data:`STAT_COLUMNS` (see
+    :meth:`PositionStats.record`), in float64."""
+    import torch
+
+    rows, length = cum_log_ratio.shape
+    device = cum_log_ratio.device
+    model = mask > 0
+    column = torch.arange(length, device=device).expand(rows, length)
+    tokens = torch.count_nonzero(model, dim=-1).unsqueeze(-1)
+    # a permutation of each row: its t-th model token to column t-1, then its other tokens in order
+    before = position.long()  # model tokens up to here (t on a model token)
+    target = torch.where(model, before - 1, tokens + column - before)
+    source = torch.empty_like(column)
+    source.scatter_(1, target, column)  # source[i, t-1]: the column of row i's t-th model token
+    valid = column < tokens
+    dtype = torch.promote_types(cum_log_ratio.dtype, torch.float32)
+    # K_t and d_t in position order, 0 past a row's last model token (where the gather is garbage); the
+    # reference windows hold 0, so those zeros are never counted outside them
+    k = torch.where(valid, cum_log_ratio.gather(1, source), 0).to(dtype)
+    d = torch.where(valid, log_ratio.gather(1, source), 0).to(dtype)
+    scale = torch.arange(1, length + 1, device=device, dtype=dtype) ** power
+    columns = (
+        valid,
+        k,
+        k * k,
+        d,
+        d * d,
+        own_low.gather(1, source).bool() & valid,
+        own_high.gather(1, source).bool() & valid,
+        k < fixed_low,
+        k > fixed_high,
+        k < -a_low * scale,
+        k > a_high * scale,
+    )
+    return torch.stack([c.to(dtype).sum(0) for c in columns], dim=-1).double()
+
+
+COMPILE_FROM_TOKENS = 1 << 18
+"""Micro-batches of at least this many token slots (B x L) get :func:`_position_sums` compiled
+(``torch.compile``: one fused pass instead of a pass per statistic); smaller ones, and any that
+compiling fails on, run it eagerly. The two agree to float rounding (tests/algo/test_diagnostics.py)."""
+_compiled: Any = None
+
+
+def position_sums(*args: Any) -> torch.Tensor:
+    """:func:`_position_sums`, compiled for large micro-batches where the compiler works (else eager)."""
+    global _compiled
+    rows, length = args[0].shape
+    if rows * length >= COMPILE_FROM_TOKENS and _compiled is not False:
+        import torch
+
+        try:
+            if _compiled is None:
+                _compiled = torch.compile(_position_sums, dynamic=True)
+            return _compiled(*args)
+        except Exception as error:  # no C++ compiler, an unsupported device...: eager from now on
+            import warnings
+
+            warnings.warn(
+                f"per-position diagnostics run eagerly: torch.compile failed ({error})", stacklevel=2
+            )
+            _compiled = False
+    return _position_sums(*args)
 
 
 _ACTIVE: PositionStats | None = None

@@ -384,12 +384,15 @@ def _check_inputs(
         if not tensor.is_floating_point():
             raise ValueError(f"{key} must be a floating-point tensor, got dtype {tensor.dtype}")
     if log_prob.device.type == "cpu":
-        finite = torch.stack([torch.isfinite(t.detach()) for t in named.values()]) | ~response_mask.bool()
-        if not bool(finite.all()):  # one pass when all is well; name the culprit otherwise
-            key = next(
-                k for k, ok in zip(named, finite.flatten(1).all(dim=1).tolist(), strict=True) if not ok
-            )
-            raise ValueError(f"{key} contains NaN or inf at unmasked tokens")
+        # a NaN or inf at an unmasked token makes the masked sum of all inputs non-finite: one cheap
+        # reduction when all is well; only then (or on a float overflow of the sum) each input is checked
+        model = response_mask.bool()
+        first, *rest = (t.detach() for t in named.values())
+        total = torch.where(model, first + sum(rest), 0.0).sum()
+        if not bool(torch.isfinite(total)):
+            for key, tensor in named.items():
+                if not bool((torch.isfinite(tensor.detach()) | ~model).all()):
+                    raise ValueError(f"{key} contains NaN or inf at unmasked tokens")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,7 +407,7 @@ def token_terms(
     log_ratio = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     log_ratio = torch.where(response_mask.bool(), log_ratio, 0.0)
     # t in at least float32 so that it stays exact (to 2^24) when the log-probs are bf16/fp16
-    position = torch.cumsum(response_mask.to(torch.promote_types(log_prob.dtype, torch.float32)), dim=-1)
+    position = torch.cumsum(mask.to(torch.promote_types(mask.dtype, torch.float32)), dim=-1)
     return TokenTerms(
         log_prob=log_prob,
         log_ratio=log_ratio,
@@ -423,9 +426,60 @@ def tool_spans(terms: TokenTerms) -> Metrics:
     inside = (terms.mask == 0) & (terms.position > 0) & (terms.position < terms.length)
     starts = inside[:, 1:] & (terms.mask[:, :-1] > 0)
     return {
-        "ctpo/tool_spans": starts.sum(-1).float().mean(),
-        "ctpo/tool_tokens": inside.sum(-1).float().mean(),
+        "ctpo/tool_spans": torch.count_nonzero(starts, dim=-1).float().mean(),
+        "ctpo/tool_tokens": torch.count_nonzero(inside, dim=-1).float().mean(),
     }
+
+
+class ClippedSurrogate(torch.autograd.Function):
+    """The shared surrogate of every method (module docstring) with its gradient computed in the
+    forward pass, so that the backward pass is one multiplication.
+
+    Per token, with U = -A w and C = -A clamp(w, lo, hi):  l = max(U, C), and with a dual clip c,
+    l = min(l, -A c) where A < 0; then l r when rollout weights r are given. Its derivative in
+    log w is dl/dlog w = U r where the unclipped branch is taken (C > U false: w inside the window,
+    or outside on the side where the clip does not bind) and the dual clip does not bind, else 0:
+    the derivative autograd gives through ``max``/``clamp``/``min``, which at an exact tie l = -A c
+    would take half of it.
+
+    Returns (l, w, clipped = C > U, dual_hit = the dual clip binds, or None); only l has a gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        log_weight: torch.Tensor,
+        advantages: torch.Tensor,
+        low: torch.Tensor,
+        high: torch.Tensor,
+        dual_clip: torch.Tensor | float | None,
+        rollout_is_weights: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        weight = torch.exp(log_weight)
+        negative = -advantages
+        unclipped = negative * weight
+        clipped_loss = negative * torch.clamp(weight, min=low, max=high)
+        clipped = torch.gt(clipped_loss, unclipped)
+        loss = torch.maximum(unclipped, clipped_loss)
+        cut = clipped
+        dual_hit = None
+        if dual_clip is not None:
+            dual = negative * dual_clip
+            dual_hit = torch.gt(loss, dual) & (advantages < 0)
+            loss = torch.where(dual_hit, dual, loss)
+            cut = clipped | dual_hit
+        grad = torch.where(cut, 0.0, unclipped)
+        if rollout_is_weights is not None:
+            loss = loss * rollout_is_weights
+            grad = grad * rollout_is_weights
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(weight, clipped, *([] if dual_hit is None else [dual_hit]))
+        return loss, weight, clipped, dual_hit
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: Any) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad_loss * grad, None, None, None, None, None
 
 
 def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> PolicyLossFn:
@@ -456,40 +510,35 @@ def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> 
         window = method.weight(terms, hp)
         mask = terms.mask
 
-        weight = torch.exp(window.log_weight)
         low, high = (
-            torch.as_tensor(b, dtype=weight.dtype, device=weight.device) for b in (window.low, window.high)
+            torch.as_tensor(b, dtype=log_prob.dtype, device=log_prob.device)
+            for b in (window.low, window.high)
         )
-        clipped_weight = torch.clamp(weight, min=low, max=high)
-        loss_unclipped = -advantages * weight
-        loss_clipped = -advantages * clipped_weight
-        loss = torch.maximum(loss_unclipped, loss_clipped)
+        loss, weight, clipped, dual_hit = ClippedSurrogate.apply(
+            window.log_weight, advantages, low, high, window.dual_clip, rollout_is_weights
+        )
+        model = response_mask.bool()
+        count = mask.sum() + 1e-8  # the denominator of every masked mean, as verl's
         metrics: Metrics = {
-            "actor/pg_clipfrac": masked_mean(torch.gt(loss_clipped, loss_unclipped).float(), mask)
+            "actor/pg_clipfrac": torch.count_nonzero(clipped & model) / count,
+            "actor/pg_clipfrac_lower": torch.zeros((), device=log_prob.device)
+            if dual_hit is None
+            else torch.count_nonzero(dual_hit & model) / count,
         }
-        if window.dual_clip is None:
-            metrics["actor/pg_clipfrac_lower"] = torch.zeros((), device=log_prob.device)
-        else:
-            loss_dual = -advantages * window.dual_clip
-            metrics["actor/pg_clipfrac_lower"] = masked_mean(
-                (torch.gt(loss, loss_dual) & (advantages < 0)).float(), mask
-            )
-            loss = torch.where(advantages < 0, torch.minimum(loss, loss_dual), loss)
-        if rollout_is_weights is not None:
-            loss = loss * rollout_is_weights
 
         agg_mode = method.fixed_agg_mode or loss_agg_mode
         pg_loss = agg_loss(loss, response_mask, agg_mode, **_global_batch_info(config))
 
         with torch.no_grad():
-            below = (weight < low) & response_mask.bool()
-            above = (weight > high) & response_mask.bool()
-            metrics["actor/ppo_kl"] = masked_mean(-terms.log_ratio, mask)
+            below = (weight < low) & model
+            above = (weight > high) & model
+            # d_t is 0 and K_t finite off the mask (token_terms), so these masked means need no where
+            metrics["actor/ppo_kl"] = -terms.log_ratio.sum() / count
             metrics["ctpo/is_weight_mean"] = masked_mean(weight, mask)
-            metrics["ctpo/is_weight_max"] = torch.where(response_mask.bool(), weight, 0.0).max()
-            metrics["ctpo/clip_low_frac"] = masked_mean(below.float(), mask)
-            metrics["ctpo/clip_high_frac"] = masked_mean(above.float(), mask)
-            metrics["ctpo/cum_log_ratio_abs_mean"] = masked_mean(terms.cum_log_ratio.abs(), mask)
+            metrics["ctpo/is_weight_max"] = torch.where(model, weight, 0.0).max()
+            metrics["ctpo/clip_low_frac"] = torch.count_nonzero(below) / count
+            metrics["ctpo/clip_high_frac"] = torch.count_nonzero(above) / count
+            metrics["ctpo/cum_log_ratio_abs_mean"] = (terms.cum_log_ratio.abs() * mask).sum() / count
             metrics.update(tool_spans(terms))
             accumulator = diagnostics.active()
             if accumulator is not None:

@@ -1,8 +1,9 @@
-"""``ctpo bench loss``: forward+backward time of every method, as a ratio to verl's ``vanilla``, timed in
-interleaved rounds."""
+"""``ctpo bench loss``: forward+backward time of every method, and of ctpo with the per-position
+diagnostics fed (as in training), as a ratio to verl's ``vanilla``, timed in interleaved rounds."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,23 @@ def loss_call(fn: Callable[..., Any], inputs: dict[str, torch.Tensor], config: A
     return call
 
 
+def with_diagnostics(call: Call, out_dir: str) -> Call:
+    """``call`` with a per-position accumulator active (as in training: ``ctpo_cli.algo.diagnostics``),
+    flushed to nothing between calls (only the feeding is timed)."""
+    from ctpo_cli.algo import diagnostics
+
+    stats = diagnostics.PositionStats(out_dir)
+
+    def diagnosed() -> float:
+        diagnostics.activate(stats)
+        try:
+            return call()
+        finally:
+            diagnostics.activate(None)
+
+    return diagnosed
+
+
 def bench_losses(
     batch: int, length: int, rounds: int, calls: int, device: str, out: str | None, console: Console
 ) -> list[dict[str, Any]]:
@@ -78,7 +96,11 @@ def bench_losses(
     contestants = [
         Contestant(f"ctpo {name}", loss_call(get_policy_loss(name), inputs, config)) for name in METHODS
     ]
-    with Progress(console=console, transient=True) as progress:
+    with tempfile.TemporaryDirectory() as scratch, Progress(console=console, transient=True) as progress:
+        ctpo = loss_call(get_policy_loss("ctpo"), inputs, config)
+        contestants.append(
+            Contestant("ctpo ctpo + per-position diagnostics", with_diagnostics(ctpo, scratch))
+        )
         result = interleave(baseline, contestants, rounds=rounds, calls=calls, warmup=2, progress=progress)
     console.print(ratio_table(result, "forward+backward time, ratio to verl vanilla (lower is faster)"))
     rows: list[dict[str, Any]] = [

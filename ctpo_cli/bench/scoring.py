@@ -1,14 +1,23 @@
 """``ctpo bench scoring``: answers per second of the scoring pool (``ctpo_cli.tir.scoring``) against
-math-verify called in-process, the named baseline, on synthetic rollout-shaped answers."""
+math-verify called in-process, the named baseline, on synthetic rollout-shaped answers, timed in
+interleaved rounds."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from rich.console import Console
+from rich.progress import Progress
+
+from ctpo_cli.bench.timing import Contestant, interleave, ratio_table
 from ctpo_cli.tir.scoring import ScoringPool, score_batch, verify_here
 
 
@@ -64,73 +73,84 @@ def _cpu_seconds(pids: Sequence[int]) -> float:
     return sum(int(f[11]) + int(f[12]) for f in fields) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_scoring(answers: int, workers: int, out: str | None, console: Any) -> list[dict[str, Any]]:
-    """Answers/s of ``score_batch`` on a ``workers``-process pool vs math-verify in-process.
+@dataclass
+class _Scorer:
+    """One contestant: its k-th call scores answer set k (fresh answers each call, as in training,
+    where only a ground truth's parse repeats within its group); keeps the verdicts of each set and
+    the CPU seconds (this process, plus the pool's workers when there is a pool) of each call."""
 
-    Wall-clock answers/s, and answers per CPU-second (all processes involved: on a shared machine the
-    wall clock depends on the load, CPU time much less). Both sides first score 256 other answers
-    (the steady state of a long training run, as the pool stays warm); then both score the same
-    answers and must agree on every verdict.
+    score: Callable[[Sequence[str], Sequence[str]], list[bool]]
+    sets: Sequence[tuple[list[str], list[str]]]
+    pids: Sequence[int] = ()
+    verdicts: list[list[bool]] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def __call__(self) -> float:
+        responses, truths = self.sets[len(self.verdicts)]
+        start, cpu, workers = time.perf_counter(), time.process_time(), _cpu_seconds(self.pids)
+        self.verdicts.append(self.score(responses, truths))
+        seconds = time.perf_counter() - start
+        self.cpu.append(time.process_time() - cpu + (_cpu_seconds(self.pids) - workers if self.pids else 0.0))
+        return seconds
+
+
+def bench_scoring(
+    answers: int, workers: int, rounds: int, out: str | None, console: Console
+) -> list[dict[str, Any]]:
+    """Answers/s of ``score_batch`` on a ``workers``-process pool vs math-verify in-process (the
+    baseline), timed in interleaved rounds (:mod:`ctpo_cli.bench.timing`): each round scores the same
+    answers with the baseline, the pool, the baseline again. The warm-up scores them once on each side
+    (the steady state of a long training run, as the pool stays warm). Both sides must agree on every
+    verdict. Also answers per CPU-second (all processes involved, median over calls): on a shared
+    machine the wall clock depends on the load, CPU time much less.
     """
-    import time
-
-    import pandas as pd
-    from rich.table import Table
-
-    responses, truths = synthetic_answers(answers)
-    warm_up = synthetic_answers(256, seed=1)  # other answers: steady state, not a cache of these
-    _in_process(*warm_up)
-    start, cpu = time.perf_counter(), time.process_time()
-    baseline = _in_process(responses, truths)
-    rows: list[dict[str, Any]] = [
-        {
-            "method": "math-verify in-process (baseline)",
-            "workers": 1,
-            "seconds": time.perf_counter() - start,
-            "cpu_seconds": time.process_time() - cpu,
-        }
-    ]
+    sets = [synthetic_answers(answers, seed=k) for k in range(1 + 2 * rounds)]
+    baseline = _Scorer(_in_process, sets)
     pool = ScoringPool(workers)
     try:
-        score_batch(*warm_up, pool=pool)
-        pids = pool.pids()
-        start, cpu, worker_cpu = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
-        pooled = score_batch(responses, truths, pool=pool)
-        rows.append(
-            {
-                "method": "score_batch (worker pool)",
-                "workers": workers,
-                "seconds": time.perf_counter() - start,
-                "cpu_seconds": time.process_time() - cpu + _cpu_seconds(pids) - worker_cpu,
-            }
+        pooled = _Scorer(lambda r, t: score_batch(r, t, pool=pool), sets, pool.pids())
+        console.print(
+            f"[bold]scoring benchmark[/]: {answers} answers, {rounds} interleaved rounds, "
+            f"{workers} pool workers, {os.cpu_count()} CPUs"
         )
+        with Progress(console=console, transient=True) as progress:
+            result = interleave(
+                Contestant("math-verify in-process", baseline),
+                [Contestant(f"score_batch ({workers}-worker pool)", pooled)],
+                rounds=rounds,
+                calls=1,
+                warmup=1,
+                progress=progress,
+            )
     finally:
         pool.close()
-    if pooled != baseline:
-        raise RuntimeError(
-            f"verdicts differ on {sum(a != b for a, b in zip(pooled, baseline, strict=True))} answers"
+    pairs = zip(pooled.verdicts, baseline.verdicts, strict=False)  # the sets both scored
+    differ = sum(a != b for pool_set, base_set in pairs for a, b in zip(pool_set, base_set, strict=True))
+    if differ:
+        raise RuntimeError(f"the pool and the in-process baseline disagree on {differ} answers")
+    title = f"Scoring {answers} answers per call: seconds, ratio to in-process (lower is faster)"
+    console.print(ratio_table(result, title, unit="s", scale=1.0))
+    rows: list[dict[str, Any]] = []
+    for timing, scorer, count in ((result.baseline, baseline, 1), (result.contestants[0], pooled, workers)):
+        cpu = statistics.median(scorer.cpu[1:])  # the warm-up call left out
+        rows.append(
+            {
+                "method": timing.name,
+                "workers": count,
+                "best_s": timing.best,
+                "median_s": timing.median,
+                "ratio": result.ratio(timing),
+                "answers_per_s": answers / timing.best,
+                "answers_per_cpu_s": answers / cpu,
+            }
         )
-    for row in rows:
-        row["answers"] = answers
-        row["answers_per_s"] = answers / row["seconds"]
-        row["answers_per_cpu_s"] = answers / row["cpu_seconds"]
-        row["speedup"] = rows[0]["seconds"] / row["seconds"]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-    table = Table(
-        title=f"Scoring throughput: {answers} answers ({sum(baseline)} right), {os.cpu_count()} CPUs, load {load:.1f}"
+    console.print(
+        "answers/s (best round): "
+        + ", ".join(
+            f"{row['method']} {row['answers_per_s']:.0f} ({row['answers_per_cpu_s']:.0f} per CPU-s)"
+            for row in rows
+        )
     )
-    for column in ("method", "workers", "seconds", "answers/s", "answers/CPU-s", "vs baseline (wall)"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for row in rows:
-        table.add_row(
-            row["method"],
-            str(row["workers"]),
-            f"{row['seconds']:.2f}",
-            f"{row['answers_per_s']:.0f}",
-            f"{row['answers_per_cpu_s']:.0f}",
-            f"{row['speedup']:.2f}x",
-        )
-    console.print(table)
     if out:
         pd.DataFrame(rows).to_csv(out, index=False)
         console.print(f"wrote {out}")

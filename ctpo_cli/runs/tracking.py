@@ -35,6 +35,8 @@ DB_FILE = "mlflow.db"
 STATUSES = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 """ctpo's run statuses (``run.json``) and MLflow's."""
 MAX_PARAM_CHARS = 6000
+PARENT_TAG = "mlflow.parentRunId"
+"""The tag that makes a run the child of another (a sweep's cells under the sweep's run)."""
 
 
 def tracking_uri(workdir: str | Path | None = None) -> str:
@@ -132,6 +134,13 @@ def log_artifacts(run_id: str, paths: Sequence[Path], artifact_path: str | None 
             mlflow.log_artifacts(run_id, str(path), artifact_path or path.name)
         elif path.is_file():
             mlflow.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tags learnt after the run was created (e.g. the training run behind a sweep's cell)."""
+    mlflow = client()
+    for key, value in tags.items():
+        mlflow.set_tag(run_id, key, str(value))
 
 
 def reopen_run(run_id: str) -> None:

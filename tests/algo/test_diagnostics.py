@@ -278,3 +278,23 @@ def test_discard_positions_after_a_checkpoint_removes_every_ranks_later_files(tm
     removed = diagnostics.discard_positions_after(tmp_path, 1)
     assert sorted(p.name for p in removed) == names[2:]
     assert sorted(p.name for p in folder.iterdir()) == names[:2]
+
+
+def test_compiled_sums_equal_eager_ones_on_a_large_micro_batch() -> None:
+    """Micro-batches of COMPILE_FROM_TOKENS token slots or more are reduced by the compiled function:
+    it must give the eager sums, with tool spans (masked runs inside responses) and ragged lengths."""
+    rows, length = 64, diagnostics.COMPILE_FROM_TOKENS // 64
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(length // 4, length + 1, (rows, 1), generator=gen)
+    mask = torch.arange(length)[None] < lengths
+    mask[:, 100:130] = False  # a tool output in every response
+    d = torch.where(mask, 0.05 * torch.randn(rows, length, generator=gen), 0.0)
+    k = d.cumsum(-1)
+    position = mask.float().cumsum(-1)
+    low, high = (k < -0.2) & mask, (k > 0.2) & mask
+    args = (k, d, position, mask.float(), low, high, *diagnostics.FIXED_WINDOW, *diagnostics.SQRT_WINDOW)
+    eager = diagnostics._position_sums(*args)
+    compiled = diagnostics.position_sums(*args)
+    assert diagnostics._compiled not in (None, False)  # the compiled path ran
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-3)
+    assert float(eager[:, 0].sum()) == float(mask.sum())  # every model token counted once

@@ -72,7 +72,7 @@ def record_plane(
         d = d * mask
         k = d.cumsum(dim=1)
         own = torch.zeros_like(k, dtype=torch.bool)
-        stats.record(k, d, position[: len(chunk)], mask, own, own)
+        stats.record(k, d, mask.cumsum(dim=1), mask, own, own)  # t counts model tokens, as the loss's
 
 
 def write_synthetic_run(
@@ -592,3 +592,31 @@ def test_verl_run_directory_reads_metrics_jsonl_else_mlflow(
     reward, val = curve_series(metrics, CURVES[0]), curve_series(metrics, CURVES[1])
     assert reward is not None and reward.to_dict() == pytest.approx({1: 0.3, 2: 0.6})
     assert val is not None and val.to_dict() == pytest.approx({1: 0.1, 2: 0.1})
+
+
+def test_report_pairs_methods_by_seed_and_problem_when_there_are_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two seeds of two methods: ctpo is grpo + 0.1 on every problem of seed 0 and + 0.3 on seed 1;
+    the problems differ in difficulty. The pair (methods in registry order): grpo − ctpo = −0.2 with the
+    t-interval of (−0.1, −0.3), 1 dof."""
+    monkeypatch.chdir(tmp_path)
+    base_rates = {0: [0.1, 0.4, 0.2, 0.5], 1: [0.3, 0.0, 0.6, 0.2]}
+    args = []
+    for method, offset in (("ctpo", {0: 0.1, 1: 0.3}), ("grpo", {0: 0.0, 1: 0.0})):
+        for seed, rates in base_rates.items():
+            run = tmp_path / "runs" / f"{method}-s{seed}"
+            rundir.write_run_info(
+                run, {"method": method, "seed": seed, "model": "tiny", "started": f"{seed}"}
+            )
+            values = [r + offset[seed] for r in rates]
+            write_summary(run / "eval", {"count": float(np.mean(values))})
+            write_problems(run / "eval", values)
+            args.append(str(run))
+    result = CliRunner().invoke(app, ["report", *args, "--out", "out", "--no-mlflow"])
+    assert result.exit_code == 0, result.output
+    (row,) = pd.read_csv(tmp_path / "out" / "report_pairs_tiny.csv").itertuples()
+    assert (row.a, row.b, row.seeds, row.a_ahead) == ("grpo", "ctpo", 2, 0)
+    # per-seed differences -0.1 and -0.3: mean -0.2, se 0.1, t_{0.975, 1} = 12.7062
+    assert (row.delta, row.ci_high - row.delta) == (pytest.approx(-0.2), pytest.approx(1.27062, rel=1e-4))
+    assert "pairwise differences" in (tmp_path / "out" / "report.md").read_text()

@@ -149,7 +149,7 @@ def test_ctrl_c_leaves_checkpoint_and_killed_run_then_resume(workdir: Path, run_
         (["--method", "ppo"], "unknown method 'ppo'; valid methods: grpo, gspo, ctpo, ctpo-fixed, seq-is"),
         (
             ["--method", "ctpo", "--preset", "huge"],
-            "unknown preset 'huge'; valid presets: smoke, tiny, tiny-tools",
+            "unknown preset 'huge'; valid presets: drift, smoke, tiny, tiny-tools",
         ),
         (["--method", "ctpo", "rl.stepz=3"], "valid keys: rl.steps"),
         (["--method", "ctpo", "optim.lr=3"], "unknown override key 'optim.lr'"),

@@ -77,6 +77,9 @@ class WarmStartConfig:
     """Demonstrations per supervised step."""
     lr: float = 1e-2
     """AdamW learning rate of the warm start."""
+    seed: int = -1
+    """Seed of the warm start (model init and demonstrations); -1: the run's seed. A fixed seed gives
+    every run of a sweep the same starting policy, as the paper's runs all start from one base model."""
 
 
 @dataclass

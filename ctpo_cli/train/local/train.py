@@ -256,9 +256,15 @@ def supervised_warmstart(
             progress.update(task, advance=1, metric=f"loss {loss.item():.3f}")
 
 
+def warmstart_seed(config: LocalConfig, seed: int) -> int:
+    """The warm start's seed: ``warmstart.seed``, or the run's ``seed`` when that is -1."""
+    return seed if config.warmstart.seed < 0 else config.warmstart.seed
+
+
 def starting_checkpoint(config: LocalConfig, model_path: str | None, seed: int, runs_dir: Path) -> Path:
     """Where the starting policy of (config, model, seed) is cached: ``runs/.warmstart/<key>``."""
-    return Path(runs_dir) / WARMSTART_DIR / warmstart_key(config, seed, model_path or TINY)
+    key = warmstart_key(config, warmstart_seed(config, seed), model_path or TINY)
+    return Path(runs_dir) / WARMSTART_DIR / key
 
 
 def initial_policy(
@@ -266,6 +272,7 @@ def initial_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The starting policy: the warm-started model, trained once per (config, seed) and cached."""
     cache = starting_checkpoint(config, model_path, seed, runs_dir)
+    seed = warmstart_seed(config, seed)
     if (cache / "config.json").is_file():
         return load_policy(cache, device)
     if model_path:
