@@ -27,6 +27,7 @@ from analysis.figures import (
     std_growth_figure,
 )
 from analysis.runs import Run, load_metrics, load_positions, log_artifacts, resolve_runs
+from ctpo_cli.errors import ConfigError, InputFileError
 
 PHASES = ("early", "mid", "late")
 TABLE2_TITLE = "Table 2: avg@k (%) [95% interval: over seeds when there are ≥ 2, else across problems]"
@@ -51,7 +52,7 @@ def parse_steps(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"--steps takes comma-separated step numbers, e.g. 50,100,150; got {text!r}"
         ) from None
 
@@ -259,7 +260,7 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
         except FileNotFoundError as error:
             options.console.print(f"skipped: {error}", highlight=False)
     if not evaluated:
-        raise FileNotFoundError(
+        raise InputFileError(
             "none of these runs has eval results (<run_dir>/eval/summary.csv); run `ctpo eval` first"
         )
     for run, result in evaluated:

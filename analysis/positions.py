@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_cli.algo.diagnostics import FIXED_WINDOW, SQRT_WINDOW, STAT_COLUMNS
+from ctpo_cli.errors import DataError
 
 WINDOWS: dict[str, tuple[str, str]] = {
     "fixed": ("fixed_low", "fixed_high"),
@@ -71,7 +72,7 @@ def select_plane(frame: pd.DataFrame, include_onpolicy: bool = False) -> pd.Data
     """
     rows = frame if include_onpolicy else frame[frame["offpolicy"].astype(bool)]
     if rows.empty:
-        raise ValueError(
+        raise DataError(
             "no off-policy per-position rows (one mini-batch per step?); use --include-onpolicy to "
             "plot the on-policy rows, where K_t is ~0"
         )
@@ -93,7 +94,7 @@ def spread_steps(available: Sequence[int], count: int = 3) -> list[int]:
 def _sorted_steps(available: Sequence[int]) -> list[int]:
     steps = sorted(set(available))
     if not steps:
-        raise ValueError("no steps with per-position diagnostics")
+        raise DataError("no steps with per-position diagnostics")
     return steps
 
 
@@ -122,7 +123,7 @@ def fit_growth(std: pd.DataFrame) -> GrowthFit:
     """The sigma sqrt(t) fit and the free power-law fit of :func:`std_by_position`'s output."""
     std = std[std["std"] > 0]
     if std["position"].nunique() < 2:
-        raise ValueError("need at least two positions with a non-zero std of K_t to fit its growth")
+        raise DataError("need at least two positions with a non-zero std of K_t to fit its growth")
     t = std["position"].to_numpy(dtype=float)
     n = std["n"].to_numpy(dtype=float)
     s = std["std"].to_numpy(dtype=float)

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import Run
+from ctpo_cli.errors import InputFileError
 
 EVAL_DIR = "eval"
 SUMMARY_FILE = "summary.csv"
@@ -90,17 +91,17 @@ def run_eval_dir(run: Run, name: str = "") -> Path:
     """The run's eval directory: ``eval/<name>`` when named, else ``eval/`` when it holds a summary,
     else the most recently written ``eval/**`` with one."""
     if run.run_dir is None:
-        raise FileNotFoundError(f"run {run.label} ({run.source}) has no run directory with eval results")
+        raise InputFileError(f"run {run.label} ({run.source}) has no run directory with eval results")
     root = run.run_dir / EVAL_DIR
     if name:
         if not is_eval_dir(root / name):
-            raise FileNotFoundError(f"run {run.label}: no {EVAL_DIR}/{name}/{SUMMARY_FILE} in {run.run_dir}")
+            raise InputFileError(f"run {run.label}: no {EVAL_DIR}/{name}/{SUMMARY_FILE} in {run.run_dir}")
         return root / name
     if is_eval_dir(root):
         return root
     found = sorted(root.glob(f"**/{SUMMARY_FILE}"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"run {run.label}: no {EVAL_DIR}/{SUMMARY_FILE} in {run.run_dir}")
+        raise InputFileError(f"run {run.label}: no {EVAL_DIR}/{SUMMARY_FILE} in {run.run_dir}")
     return found[-1].parent
 
 

@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
+from types import ModuleType
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from ctpo_cli.errors import ConfigError, UserError
 from dataset import DATA_DIR
 
 app = typer.Typer(
@@ -27,11 +33,9 @@ plot_app = typer.Typer(
 )
 app.add_typer(plot_app, name="plot")
 
-console = Console()
-
-
-class UserError(Exception):
-    """A problem with what the user asked for; shown as one line, never a traceback."""
+LOG_WIDTH = 200
+"""Columns of a table written off a terminal (a pipe, a log file): wide enough that no header is elided."""
+console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
 
 
 @app.command()
@@ -297,15 +301,14 @@ def theory(
     import json
     from pathlib import Path
 
-    from rich.markup import escape
     from rich.table import Table
 
     from ctpo_cli.theory import exact as th
 
     if out and not monte_carlo:
-        raise ValueError("--out needs --monte-carlo (the exact mode writes no files)")
+        raise ConfigError("--out needs --monte-carlo (the exact mode writes no files)")
     if shared_parameters and monte_carlo:
-        raise ValueError("--shared-parameters is for the exact mode (per-position variances do not change)")
+        raise ConfigError("--shared-parameters is for the exact mode (per-position variances do not change)")
     steps = horizon if horizon is not None else (64 if monte_carlo else 6)
     count = seeds if seeds is not None else (4 if monte_carlo else 8)
     files: list[Path] = []
@@ -449,26 +452,89 @@ def data_prepare(
     console.print(table)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions shown as one line: bad input, missing files, a sandbox service that is not there."""
+BUG_NOTE = "this is a bug in ctpo; please report it with the traceback above"
+INTERRUPTED = (
+    "interrupted: everything finished so far is saved; run the same command again to continue "
+    "(ctpo train: add --resume)"
+)
+DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+}
+DISK_ERRORS[errno.EDQUOT] = "disk quota exceeded"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM ends a command as Ctrl-C does: runs are recorded KILLED, checkpoints saved, services stopped."""
+    raise KeyboardInterrupt
+
+
+def one_line(error: BaseException) -> str | None:
+    """The one line shown for a user's error (not ctpo's): bad input, a missing file, an unavailable
+    service, a full or read-only disk, memory; None for anything else (a bug)."""
     from sandbox.client import SandboxUnavailable  # (httpx: imported only when an error is handled)
 
-    return (UserError, ValueError, FileNotFoundError, SandboxUnavailable)
+    click = click_exceptions()
+    if isinstance(error, UserError | SandboxUnavailable):
+        return str(error)
+    if isinstance(error, click.UsageError):
+        where = f" (see {error.ctx.command_path} --help)" if error.ctx else ""
+        return f"{error.format_message()}{where}"
+    if isinstance(error, click.ClickException):
+        return error.format_message()
+    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+        return f"cannot write {error.filename or 'a file'}: {DISK_ERRORS[error.errno]}"
+    if isinstance(error, MemoryError):
+        return "out of memory: use a smaller model, batch (--batch-size) or fewer samples"
+    return None
+
+
+def click_exceptions() -> ModuleType:
+    """The exceptions of the click that Typer runs on (Typer 0.2x vendors its own copy)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions
 
 
 def main() -> None:
-    """Entry point: user errors become one red line (CTPO_DEBUG=1 shows the traceback)."""
+    """Entry point: a user's error becomes one red line (exit 2; CTPO_DEBUG=1 shows the traceback), any
+    other exception its traceback and a note that it is a bug (exit 1); Ctrl-C or SIGTERM (exit 130)
+    says what was kept."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # Rich shows progress; no tqdm bars
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
-    except user_errors() as error:
-        if os.environ.get("CTPO_DEBUG"):
-            raise
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        Console(stderr=True).print("[yellow]interrupted[/]")
-        sys.exit(130)
+        code = run_app()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)
+
+
+def run_app() -> int:
+    """The app, its errors shown as :func:`main` says; the exit code."""
+    click = click_exceptions()
+    errors = Console(stderr=True, width=None if sys.stderr.isatty() else LOG_WIDTH)
+    try:
+        code = app(prog_name="ctpo", standalone_mode=False)
+    except click.NoArgsIsHelpError as error:
+        error.show()  # the help text, as `ctpo` alone or `ctpo plot` prints it
+        return error.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    except Exception as error:
+        line = one_line(error)
+        if line is None or os.environ.get("CTPO_DEBUG"):
+            traceback.print_exc()
+        if line is None:
+            errors.print(f"[bold red]error:[/] {BUG_NOTE}", highlight=False, soft_wrap=True)
+            return 1
+        errors.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        return 2
+    if code == 130:
+        errors.print(f"[yellow]{INTERRUPTED}[/]", highlight=False, soft_wrap=True)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ctpo_cli.algo.losses import METHODS
+from ctpo_cli.errors import ConfigError
 from ctpo_cli.runs import rundir
 from ctpo_cli.train.local.config import build_config
 from ctpo_cli.train.local.task import DATA_SOURCE, write_eval_set
@@ -47,7 +48,7 @@ def quickstart(
     console = console or Console()
     for method in methods:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     config = build_config(preset, list(overrides))
     began = time.perf_counter()
     console.rule("[bold]ctpo quickstart")

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
+from ctpo_cli.errors import ConfigError, DataError, InputFileError
 from ctpo_cli.tir.protocol import SYSTEM_PROMPT
 from ctpo_cli.tir.scoring import extract_boxed
 from dataset import DATA_DIR, shipped_file
@@ -69,7 +70,7 @@ ANSWER_ALIASES = ("answer", "Answer", "ground_truth", "final_answer", "solution"
 def get_spec(name: str) -> DatasetSpec:
     """The registry entry; ValueError listing the valid names for an unknown one."""
     if name not in REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"unknown dataset {name!r}; valid names: {', '.join(REGISTRY)} (or a path to a .parquet)"
         )
     return REGISTRY[name]
@@ -84,7 +85,7 @@ def _pick_column(frame: pd.DataFrame, preferred: str, aliases: Sequence[str], wh
     for column in (preferred, *aliases):
         if column in frame.columns:
             return column
-    raise ValueError(
+    raise DataError(
         f"{source}: no {what} column (looked for {', '.join(dict.fromkeys((preferred, *aliases)))}; "
         f"has {', '.join(map(str, frame.columns))})"
     )
@@ -128,7 +129,7 @@ def to_verl(
     ]
     frame = pd.DataFrame(rows)
     if frame["id"].duplicated().any():
-        raise ValueError(f"{source}: duplicate problem ids in column {spec.id_column!r}")
+        raise DataError(f"{source}: duplicate problem ids in column {spec.id_column!r}")
     return frame
 
 
@@ -136,25 +137,25 @@ def validate(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     """Check the verl schema (ValueError naming missing columns); fill ``id``/``ability``/``extra_info``."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{source} is not in verl format: missing column(s) {', '.join(missing)} "
             f"(has {', '.join(map(str, frame.columns))}); convert it with `ctpo data prepare --from-file`"
         )
     if len(frame) == 0:
-        raise ValueError(f"{source} has no rows")
+        raise DataError(f"{source} has no rows")
     bad = [
         i
         for i, rm in enumerate(frame["reward_model"])
         if not isinstance(rm, dict) or "ground_truth" not in rm
     ]
     if bad:
-        raise ValueError(f"{source}: reward_model of row {bad[0]} has no ground_truth")
+        raise DataError(f"{source}: reward_model of row {bad[0]} has no ground_truth")
     frame = frame.reset_index(drop=True)
     if "id" not in frame.columns:
         frame["id"] = [str(i) for i in range(len(frame))]
     frame["id"] = frame["id"].astype(str)
     if frame["id"].duplicated().any():
-        raise ValueError(f"{source}: duplicate values in column id")
+        raise DataError(f"{source}: duplicate values in column id")
     if "ability" not in frame.columns:
         frame["ability"] = "math"
     if "extra_info" not in frame.columns:
@@ -203,7 +204,7 @@ def load_benchmark(name_or_path: str, data_dir: str | Path = DATA_DIR) -> pd.Dat
     if is_path(name_or_path):
         path = Path(name_or_path)
         if not path.is_file():
-            raise FileNotFoundError(f"benchmark file {path} does not exist")
+            raise InputFileError(f"benchmark file {path} does not exist")
         return validate(pd.read_parquet(path), str(path))
     spec = get_spec(name_or_path)
     local = Path(data_dir) / f"{output_name(spec)}.parquet"
@@ -216,7 +217,7 @@ def load_benchmark(name_or_path: str, data_dir: str | Path = DATA_DIR) -> pd.Dat
         raw = download(spec)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(
+        raise InputFileError(
             f"{spec.name}: no {local}, and {spec.hf_id} could not be downloaded ({reason}); offline, run "
             f"`ctpo data prepare --from-file {spec.name}=FILE` or pass --benchmarks path/to/{spec.name}.parquet"
         ) from error

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ctpo_cli.algo.losses import METHODS, get_policy_loss
+from ctpo_cli.errors import BackendUnavailable
 
 
 def synthetic_batch(batch: int, length: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -57,7 +58,7 @@ def bench_losses(
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
         from verl.workers.config import ActorConfig, PolicyLossConfig
     except ImportError as error:
-        raise ValueError(
+        raise BackendUnavailable(
             f"the baseline needs verl ({error}); install it with: pip install 'ctpo[verl]'"
         ) from error
     inputs = synthetic_batch(batch, length, device)

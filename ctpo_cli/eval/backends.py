@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ctpo_cli.errors import BackendUnavailable, ConfigError, InputFileError
 from ctpo_cli.eval.settings import BACKENDS, EvalSettings
 from ctpo_cli.tir.protocol import (
     STOP_STRINGS,
@@ -63,7 +64,7 @@ class ChatTokenizer:
         try:
             return cls(AutoTokenizer.from_pretrained(path))
         except OSError as error:
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"cannot load a tokenizer from {path}: {str(error).splitlines()[0]}"
             ) from error
 
@@ -222,7 +223,7 @@ class OpenAIBackend:
         try:
             models = self.http.get("/v1/models").raise_for_status().json()["data"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
-            raise ValueError(
+            raise BackendUnavailable(
                 f"no OpenAI-compatible server at {base_url} ({error!r}); start one with `vllm serve {model}`"
             ) from error
         self.served = str(models[0]["id"])
@@ -270,14 +271,14 @@ class OpenAIBackend:
 def resolve_backend(settings: EvalSettings) -> str:
     """``auto``: openai with ``--base-url``, vLLM when it is installed and a GPU is visible, else hf."""
     if settings.backend not in BACKENDS:
-        raise ValueError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
     if settings.backend == "openai" and not settings.base_url:
-        raise ValueError("--backend openai needs --base-url (e.g. http://localhost:8000 of `vllm serve`)")
+        raise ConfigError("--backend openai needs --base-url (e.g. http://localhost:8000 of `vllm serve`)")
     if settings.backend == "vllm":
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise ValueError(
+            raise BackendUnavailable(
                 "the vllm backend needs vLLM (pip install 'ctpo[gpu]'); use --backend hf on CPU"
             ) from None
     if settings.backend != "auto":

@@ -38,6 +38,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ctpo_cli.errors import ConfigError, InputFileError
 from ctpo_cli.eval.backends import Backend, GenerationRequest, make_backend, resolve_backend
 from ctpo_cli.eval.metrics import log_summary, mlflow_params, print_summary, summarize, write_outputs
 from ctpo_cli.eval.settings import CONFIG_FILE, GENERATIONS_DIR, RESUME_KEYS, EvalSettings
@@ -174,7 +175,7 @@ def resolve_model(model: str | None, out: Path | None, rescore: bool, console: C
         return str(json.loads((out / CONFIG_FILE).read_text())["model"])
     checkpoint = latest_checkpoint()
     if checkpoint is None:
-        raise ValueError(
+        raise InputFileError(
             "no --model given and no trained checkpoint under runs/: pass --model PATH (a Hugging Face model directory)"
         )
     console.print(f"[bold]model:[/] the latest checkpoint, {checkpoint}")
@@ -202,7 +203,7 @@ def check_resume(out: Path, settings: EvalSettings) -> None:
             f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in RESUME_KEYS if saved.get(k) != current[k]
         ]
         if diff:
-            raise ValueError(
+            raise ConfigError(
                 f"{out} holds generations made with {', '.join(diff)}: use the same settings to resume, or another --out"
             )
     else:
@@ -296,13 +297,13 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
 
     console = console or Console()
     if settings.n < 1:
-        raise ValueError(f"--n must be >= 1 (got {settings.n})")
+        raise ConfigError(f"--n must be >= 1 (got {settings.n})")
     if not settings.benchmarks:
-        raise ValueError("--benchmarks is empty")
+        raise ConfigError("--benchmarks is empty")
     out = settings.out or default_out(settings.model)
     names = {b: Path(b).stem if is_path(b) else b for b in settings.benchmarks}
     if len(set(names.values())) < len(settings.benchmarks):
-        raise ValueError(f"--benchmarks names a benchmark twice: {', '.join(settings.benchmarks)}")
+        raise ConfigError(f"--benchmarks names a benchmark twice: {', '.join(settings.benchmarks)}")
     stores = {
         names[b]: GenerationStore(out / GENERATIONS_DIR / f"{names[b]}.jsonl") for b in settings.benchmarks
     }
@@ -360,5 +361,5 @@ def rescore(stores: dict[str, GenerationStore], n: int) -> dict[str, list[dict[s
         records[name] = [r for r in saved if r["sample"] < n]
     if not records:
         folder = next(iter(stores.values())).path.parent
-        raise FileNotFoundError(f"--rescore: no saved generations for {', '.join(stores)} in {folder}")
+        raise InputFileError(f"--rescore: no saved generations for {', '.join(stores)} in {folder}")
     return records

@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from ctpo_cli.errors import InputFileError
+
 RUNS_DIR = Path("runs")
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -59,7 +61,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     """The run's ``run.json``; FileNotFoundError naming the directory when it is not a run."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a ctpo run directory (no {RUN_FILE})")
+        raise InputFileError(f"{run_dir} is not a ctpo run directory (no {RUN_FILE})")
     info: dict[str, Any] = json.loads(path.read_text())
     return info
 
@@ -99,7 +101,7 @@ def read_metric_steps(run_dir: Path) -> dict[int, dict[str, Any]]:
 def read_metrics(run_dir: Path) -> pd.DataFrame:
     """All logged steps as a DataFrame; the last record wins when a resumed run repeated a step."""
     if not (Path(run_dir) / METRICS_FILE).is_file():
-        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
+        raise InputFileError(f"no {METRICS_FILE} in {run_dir}")
     frame = pd.DataFrame(read_metric_rows(run_dir))
     return frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
 

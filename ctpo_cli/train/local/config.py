@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import experiments
+from ctpo_cli.errors import ConfigError
 
 
 @dataclass
@@ -140,36 +141,38 @@ def build_config(preset: str = "tiny", overrides: list[str] | None = None) -> Lo
     """
     files = presets()
     if preset not in files:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(files)}")
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(files)}")
     schema = OmegaConf.structured(LocalConfig)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.load(files[preset]))
     except OmegaConfBaseException as error:
-        raise ValueError(f"{files[preset]}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{files[preset]}: {str(error).splitlines()[0]}") from None
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value (e.g. rl.steps=50)")
+            raise ConfigError(f"override {item!r} is not key=value (e.g. rl.steps=50)")
         section = key.split(".")[0]
         if section not in ("model", "task", "warmstart", "rl", "loss"):
-            raise ValueError(f"unknown override key {key!r}; sections: model, task, warmstart, rl, loss")
+            raise ConfigError(f"unknown override key {key!r}; sections: model, task, warmstart, rl, loss")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as error:
             valid = ", ".join(f"{section}.{k}" for k in getattr(LocalConfig(), section).__dict__)
-            raise ValueError(f"bad override {item!r} ({type(error).__name__}); valid keys: {valid}") from None
+            raise ConfigError(
+                f"bad override {item!r} ({type(error).__name__}); valid keys: {valid}"
+            ) from None
     config = OmegaConf.to_object(merged)
     assert isinstance(config, LocalConfig)
     for key in ("careless_frac", "tool_frac"):
         value = getattr(config.warmstart, key)
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"warmstart.{key} must be in [0, 1], got {value}")
+            raise ConfigError(f"warmstart.{key} must be in [0, 1], got {value}")
     if config.warmstart.careless_frac + config.warmstart.tool_frac > 1.0:
-        raise ValueError(
+        raise ConfigError(
             "warmstart.careless_frac + warmstart.tool_frac must be at most 1 (shares of one set)"
         )
     if config.rl.prompts_per_step * config.rl.samples_per_prompt % config.rl.minibatches:
-        raise ValueError("rl.prompts_per_step * rl.samples_per_prompt must be divisible by rl.minibatches")
+        raise ConfigError("rl.prompts_per_step * rl.samples_per_prompt must be divisible by rl.minibatches")
     return config
 
 

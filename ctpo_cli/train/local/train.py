@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctpo_cli.algo import diagnostics
 from ctpo_cli.algo.losses import PolicyLossFn, get_method, get_policy_loss, method_hparams
+from ctpo_cli.errors import ConfigError, InputFileError
 from ctpo_cli.runs import rundir, tracking
 from ctpo_cli.tir.scoring import score_batch
 from ctpo_cli.train.local.config import LocalConfig, build_config, flat_params
@@ -409,7 +410,7 @@ def _resumable_run(runs_dir: Path, method: str) -> Path:
             and (run / rundir.CHECKPOINT_DIR / "trainer_state.pt").is_file()
         ):
             return run
-    raise FileNotFoundError(
+    raise InputFileError(
         f"no interrupted local run of {method!r} with a checkpoint under {runs_dir}; start one without --resume"
     )
 
@@ -435,7 +436,7 @@ def train_local(
     get_method(method)
     runs_dir = Path(runs_dir)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but torch sees no GPU; use --device cpu")
+        raise ConfigError("--device cuda was given but torch sees no GPU; use --device cpu")
     if resume:
         run_dir = _resumable_run(runs_dir, method)
         info = rundir.read_run_info(run_dir)
@@ -444,7 +445,7 @@ def train_local(
     else:
         config = build_config(preset, overrides)
         if config.warmstart.tool_frac > 0:
-            raise ValueError(
+            raise ConfigError(
                 "warmstart.tool_frac > 0: the local engine runs no tools; train with tool use on verl "
                 "(ctpo train --model tiny-cpu)"
             )
