@@ -28,6 +28,8 @@ from analysis.figures import (
 )
 from analysis.runs import Run, load_metrics, load_positions, log_artifacts, resolve_runs
 from ctpo_cli.errors import ConfigError, InputFileError
+from ctpo_cli.runs import atomic
+from ctpo_cli.runs.atomic import atomic_path
 
 PHASES = ("early", "mid", "late")
 TABLE2_TITLE = "Table 2: avg@k (%) [95% interval: over seeds when there are ≥ 2, else across problems]"
@@ -85,8 +87,8 @@ def _print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
 
 
 def _csv(frame: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return path
 
 
@@ -290,7 +292,7 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
         paths.append(_csv(data, options.out / f"report_{stem}.csv"))
     markdown = "\n\n".join(f"### {title}\n\n{report.markdown(shown)}" for title, shown, _, _ in sections)
     md_path = options.out / "report.md"
-    md_path.write_text(markdown + "\n")
+    atomic.write_text(md_path, markdown + "\n")
     paths.append(md_path)
     _publish(runs, paths, "report", options)
     return paths

@@ -71,7 +71,9 @@ def train(
         "local: a checkpoint (default: the tiny model).",
     ),
     backend: str = typer.Option("verl", help="verl (GPU cluster, the paper's runs) or local (this machine)."),
-    seed: int | None = typer.Option(None, help="Random seed (verl default: the experiment's; local: 0)."),
+    seed: int | None = typer.Option(
+        None, min=0, help="Random seed (verl default: the experiment's; local: 0)."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="verl: print the composed config and command; run nothing."
     ),
@@ -132,12 +134,12 @@ def quickstart(
     overrides: list[str] = typer.Argument(
         None, help="key=value overrides of the local config (e.g. rl.steps=20)."
     ),
-    seed: int = typer.Option(0, help="Seed shared by every method (same data, same starting policy)."),
+    seed: int = typer.Option(0, min=0, help="Seed shared by every method (same data, same starting policy)."),
     preset: str = typer.Option("tiny", help="Local configuration preset (tiny, smoke)."),
     methods: str = typer.Option(
         ",".join(("grpo", "gspo", "ctpo", "ctpo-fixed", "seq-is")), help="Comma-separated."
     ),
-    samples: int = typer.Option(8, help="k of the held-out avg@k."),
+    samples: int = typer.Option(8, min=1, help="k of the held-out avg@k."),
     out: Path = typer.Option(Path("runs"), help="Runs directory."),
     figures: Path = typer.Option(Path("figures"), help="Where figures and tables go."),
 ) -> None:
@@ -150,9 +152,11 @@ def quickstart(
 
 @bench_app.command("loss")
 def bench_loss(
-    batch: int = typer.Option(64, help="Responses per micro-batch."),
-    length: int = typer.Option(8192, help="Tokens per response."),
-    repeats: int = typer.Option(5, help="Timed forward+backward passes per method (after one warm-up)."),
+    batch: int = typer.Option(64, min=1, help="Responses per micro-batch."),
+    length: int = typer.Option(8192, min=1, help="Tokens per response."),
+    repeats: int = typer.Option(
+        5, min=1, help="Timed forward+backward passes per method (after one warm-up)."
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
@@ -164,7 +168,9 @@ def bench_loss(
 
 @bench_app.command("sandbox")
 def bench_sandbox(
-    requests: int = typer.Option(200, help="Timed runs per runner and concurrency level (after a warm-up)."),
+    requests: int = typer.Option(
+        200, min=1, help="Timed runs per runner and concurrency level (after a warm-up)."
+    ),
     concurrency: str = typer.Option("1,8,32", help="Comma-separated numbers of concurrent clients."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
@@ -185,10 +191,10 @@ app.add_typer(sandbox_app, name="sandbox")
 @sandbox_app.command("serve")
 def sandbox_serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-    port: int = typer.Option(8080, help="TCP port (0: any free port)."),
-    workers: int = typer.Option(1, help="uvicorn worker processes."),
+    port: int = typer.Option(8080, min=0, max=65535, help="TCP port (0: any free port)."),
+    workers: int = typer.Option(1, min=1, help="uvicorn worker processes."),
     max_concurrency: int | None = typer.Option(
-        None, help="Programs running at once per worker (default: number of CPUs); others queue."
+        None, min=1, help="Programs running at once per worker (default: number of CPUs); others queue."
     ),
     unsafe_no_isolation: bool = typer.Option(
         False, "--unsafe-no-isolation", help="Run programs WITHOUT bubblewrap isolation (throwaway hosts)."
@@ -274,7 +280,7 @@ def report(
 
 @app.command()
 def theory(
-    vocab: int = typer.Option(3, help="Vocabulary size V (at least 2)."),
+    vocab: int = typer.Option(3, min=2, help="Vocabulary size V (at least 2)."),
     horizon: int | None = typer.Option(
         None, help="Steps T. Default 6; --monte-carlo: 64, run at T, T/2, T/4, T/8.", show_default=False
     ),
@@ -285,7 +291,9 @@ def theory(
     monte_carlo: bool = typer.Option(
         False, "--monte-carlo", help="Markov policies, long horizons: sampled estimates against exact values."
     ),
-    samples: int = typer.Option(20_000, help="--monte-carlo: sequences drawn from mu per seed and horizon."),
+    samples: int = typer.Option(
+        20_000, min=2, help="--monte-carlo: sequences drawn from mu per seed and horizon."
+    ),
     advantage: str = typer.Option(
         "q", help="Per-token signal: q = Q^pi, a = Q^pi - V^pi(s_t), outcome = R(y) (exact mode only)."
     ),
@@ -350,11 +358,11 @@ def eval_command(
         "",
         help="Comma-separated benchmark names or .parquet paths. Default: the paper's four (aime25,aime26,hmmt_nov_2025,brumo_2025).",
     ),
-    n: int = typer.Option(32, "--n", help="Samples per problem: the k of avg@k."),
-    temperature: float = typer.Option(0.7, help="Sampling temperature (0: greedy)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
-    max_turns: int = typer.Option(5, help="Assistant turns per sample (tool calls <= max_turns - 1)."),
-    max_tokens: int = typer.Option(8000, help="Response token budget, tool output included."),
+    n: int = typer.Option(32, "--n", min=1, help="Samples per problem: the k of avg@k."),
+    temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    max_turns: int = typer.Option(5, min=1, help="Assistant turns per sample (tool calls <= max_turns - 1)."),
+    max_tokens: int = typer.Option(8000, min=1, help="Response token budget, tool output included."),
     tools: bool = typer.Option(
         True, "--tools/--no-tools", help="Run the model's python blocks in the sandbox."
     ),
@@ -374,8 +382,8 @@ def eval_command(
         str(DATA_DIR),
         help="Where `ctpo data prepare` wrote the benchmarks (the shipped sets are found without it).",
     ),
-    seed: int = typer.Option(0, help="Base seed of the per-sample seeds."),
-    batch_size: int = typer.Option(0, help="Samples generated together (0: the backend's default)."),
+    seed: int = typer.Option(0, min=0, help="Base seed of the per-sample seeds."),
+    batch_size: int = typer.Option(0, min=0, help="Samples generated together (0: the backend's default)."),
     rescore: bool = typer.Option(False, "--rescore", help="Re-score saved generations; no model is loaded."),
     prompt_as_is: bool = typer.Option(
         False, "--prompt-as-is", help="Use the benchmark's messages unchanged (no system prompt added)."
@@ -414,8 +422,10 @@ def eval_command(
 
 @bench_app.command("scoring")
 def bench_scoring(
-    answers: int = typer.Option(2000, help="Responses to score (8 per ground truth, about half right)."),
-    workers: int = typer.Option(2, help="Worker processes of the scoring pool."),
+    answers: int = typer.Option(
+        2000, min=1, help="Responses to score (8 per ground truth, about half right)."
+    ),
+    workers: int = typer.Option(2, min=1, help="Worker processes of the scoring pool."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Answers/s of score_batch (math-verify worker pool) vs math-verify called in-process."""

@@ -8,6 +8,8 @@ caller that handles those keeps working; only ``UserError`` marks an error as th
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """A problem with what the user asked for or gave; one line, no traceback."""
@@ -27,3 +29,9 @@ class DataError(UserError, ValueError):
 
 class BackendUnavailable(UserError, RuntimeError):
     """A service, library or store the command needs is not there (a server, vLLM, verl, MLflow)."""
+
+
+def warn_damaged(path: object, problem: str) -> None:
+    """One line on stderr about a damaged file that a reader skips instead of failing (a run left
+    half-written by a crash must not block commands about the other runs)."""
+    print(f"warning: skipping {path}: {problem}", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ from rich.table import Table
 from ctpo_cli.algo.losses import METHODS
 from ctpo_cli.errors import ConfigError
 from ctpo_cli.runs import rundir
+from ctpo_cli.runs.atomic import atomic_path
 from ctpo_cli.train.local.config import build_config
 from ctpo_cli.train.local.task import DATA_SOURCE, write_eval_set
 from ctpo_cli.train.local.train import starting_checkpoint, train_local
@@ -96,7 +97,8 @@ def quickstart(
 
     table = comparison(runs, start_eval)
     show(table, console, samples, time.perf_counter() - began)
-    table.to_csv(Path(figures_dir) / "quickstart_comparison.csv", index=False)
+    with atomic_path(Path(figures_dir) / "quickstart_comparison.csv") as tmp:
+        table.to_csv(tmp, index=False)
     return table
 
 

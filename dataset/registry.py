@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from ctpo_cli.errors import ConfigError, DataError, InputFileError
+from ctpo_cli.runs.atomic import atomic_path
 from ctpo_cli.tir.protocol import SYSTEM_PROMPT
 from ctpo_cli.tir.scoring import extract_boxed
 from dataset import DATA_DIR, shipped_file
@@ -228,10 +229,8 @@ def load_benchmark(name_or_path: str, data_dir: str | Path = DATA_DIR) -> pd.Dat
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     """Write atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def ground_truth(row: pd.Series) -> str:

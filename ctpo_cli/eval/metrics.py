@@ -30,7 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ctpo_cli.eval.settings import PER_PROBLEM_FILE, SUMMARY_FILE, SUMMARY_MD, EvalSettings
-from ctpo_cli.runs import tracking
+from ctpo_cli.runs import atomic, tracking
+from ctpo_cli.runs.atomic import atomic_path
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -203,8 +204,9 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 
 def write_outputs(out: Path, summary: pd.DataFrame, problems: pd.DataFrame, title: str) -> list[Path]:
-    summary.to_csv(out / SUMMARY_FILE, index=False)
-    problems.to_csv(out / PER_PROBLEM_FILE, index=False)
+    for frame, name in ((summary, SUMMARY_FILE), (problems, PER_PROBLEM_FILE)):
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False)
     header, cells = display_rows(summary)
     lines = [
         f"# {title}",
@@ -215,7 +217,7 @@ def write_outputs(out: Path, summary: pd.DataFrame, problems: pd.DataFrame, titl
         "|" + "---|" * len(header),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    (out / SUMMARY_MD).write_text("\n".join(lines) + "\n")
+    atomic.write_text(out / SUMMARY_MD, "\n".join(lines) + "\n")
     return [out / SUMMARY_FILE, out / SUMMARY_MD, out / PER_PROBLEM_FILE]
 
 

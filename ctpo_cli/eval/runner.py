@@ -43,6 +43,7 @@ from ctpo_cli.eval.backends import Backend, GenerationRequest, make_backend, res
 from ctpo_cli.eval.metrics import log_summary, mlflow_params, print_summary, summarize, write_outputs
 from ctpo_cli.eval.settings import CONFIG_FILE, GENERATIONS_DIR, RESUME_KEYS, EvalSettings
 from ctpo_cli.eval.store import GenerationStore
+from ctpo_cli.runs import atomic
 from ctpo_cli.runs.rundir import CHECKPOINT_DIR, RUN_FILE, latest_checkpoint
 from ctpo_cli.tir.protocol import (
     NO_TOOLS_SYSTEM_PROMPT,
@@ -208,7 +209,7 @@ def check_resume(out: Path, settings: EvalSettings) -> None:
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2) + "\n")
+        atomic.write_text(path, json.dumps(current, indent=2) + "\n")
 
 
 @contextmanager

@@ -47,6 +47,8 @@ DB_FILE = "mlflow.db"
 STATUSES = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 """ctpo's run statuses (``run.json``) and MLflow's."""
 MAX_PARAM_CHARS = 6000
+MAX_BATCH = 1000
+"""Metrics per ``log_batch`` call (MLflow's limit)."""
 OWNER_TAGS = ("ctpo.pid", "ctpo.host", "ctpo.process_start")
 """Tags naming the process that owns a run (:func:`owner_tags`)."""
 
@@ -147,12 +149,24 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
     """The finite values of ``metrics`` (at ``step``, if given)."""
+    log_history(run_id, {step or 0: metrics})
+
+
+def log_history(run_id: str, steps: Mapping[int, Mapping[str, float | None]]) -> None:
+    """The finite values of many steps' metrics ({step: {name: value}}; nulls skipped), in batches of
+    the size MLflow accepts."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if math.isfinite(float(v))]
-    if batch:
-        client().log_batch(run_id, metrics=batch)
+    metrics = [
+        Metric(k, float(v), now, step)
+        for step, values in sorted(steps.items())
+        for k, v in values.items()
+        if v is not None and math.isfinite(float(v))
+    ]
+    mlflow = client()
+    for start in range(0, len(metrics), MAX_BATCH):
+        mlflow.log_batch(run_id, metrics=metrics[start : start + MAX_BATCH])
 
 
 def log_artifacts(run_id: str, paths: Sequence[Path], artifact_path: str | None = None) -> None:
@@ -163,6 +177,10 @@ def log_artifacts(run_id: str, paths: Sequence[Path], artifact_path: str | None 
             mlflow.log_artifacts(run_id, str(path), artifact_path or path.name)
         elif path.is_file():
             mlflow.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_tag(run_id: str, key: str, value: object) -> None:
+    client().set_tag(run_id, key, str(value))
 
 
 def reopen_run(run_id: str) -> None:

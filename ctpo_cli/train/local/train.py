@@ -415,6 +415,28 @@ def _resumable_run(runs_dir: Path, method: str) -> Path:
     )
 
 
+def _forget_after(run_dir: Path, step: int, info: dict[str, Any], console: Console) -> str | None:
+    """Before a resume from the step-``step`` checkpoint: drop what steps after it wrote (a process killed
+    between checkpoints logged them; they are trained again) from ``metrics.jsonl`` and ``positions/``.
+
+    MLflow cannot delete single steps of a metric's history, so when steps were dropped the resumed run
+    continues in a new MLflow run (tagged ``ctpo.resumed_from_run``/``_step``) that gets the history up
+    to ``step`` re-logged; the old run, which also holds the dropped steps, is tagged
+    ``ctpo.superseded_by``. Returns the superseded run's id (removed from ``info``), or None when
+    nothing was dropped and the same MLflow run continues.
+    """
+    diagnostics.discard_positions_after(run_dir, step)
+    dropped = rundir.keep_steps_through(run_dir, step)
+    if not dropped:
+        return None
+    console.print(
+        f"steps {dropped[0]}-{dropped[-1]} were logged after the step-{step} checkpoint; they are trained "
+        "again (dropped from metrics.jsonl; a new MLflow run continues this one)"
+    )
+    superseded = info.pop("mlflow_run_id", None)
+    return str(superseded) if superseded else None
+
+
 def train_local(
     method: str,
     model: str | None = None,
@@ -464,7 +486,7 @@ def train_local(
     hparams = method_hparams(method, config.loss)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    start_step = 0
+    start_step, superseded = 0, None
     state_file = run_dir / rundir.CHECKPOINT_DIR / "trainer_state.pt"
     if resume:
         policy, tokenizer = load_policy(run_dir / rundir.CHECKPOINT_DIR, device)
@@ -472,6 +494,7 @@ def train_local(
         state = torch.load(state_file, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
+        superseded = _forget_after(run_dir, start_step, info, console)
         console.print(f"resuming [bold]{run_dir}[/] from step {start_step}")
     else:
         policy, tokenizer = initial_policy(config, model, seed, runs_dir, device, console)
@@ -486,6 +509,8 @@ def train_local(
     }
     params.update({f"loss.{k}": v for k, v in hparams.items()})
     tags = {"run_dir": str(run_dir.resolve()), "backend": "local", "method": method}
+    if superseded:
+        tags.update({"ctpo.resumed_from_run": superseded, "ctpo.resumed_from_step": str(start_step)})
     stats = diagnostics.PositionStats(run_dir)
     diagnostics.activate(stats)
     progress = TrainProgress(step=start_step)
@@ -495,6 +520,9 @@ def train_local(
         ) as run_id:
             info.update(mlflow_run_id=run_id, run_dir=str(run_dir), status="running", hparams=hparams)
             rundir.write_run_info(run_dir, info)
+            if superseded:  # the new MLflow run holds the whole history up to the checkpoint
+                tracking.log_history(run_id, rundir.read_metric_steps(run_dir))
+                tracking.set_tag(superseded, "ctpo.superseded_by", run_id)
             _train_loop(
                 policy,
                 tokenizer,
@@ -518,10 +546,17 @@ def train_local(
         raise
     finally:
         diagnostics.activate(None)
-        if progress.step > start_step or not state_file.exists():
-            state = {"optimizer": optimizer.state_dict(), "step": progress.step, "seed": seed}
-            _save_checkpoint(run_dir / rundir.CHECKPOINT_DIR, policy, tokenizer, state)
-        rundir.write_run_info(run_dir, info)
+        try:
+            if progress.step > start_step or not state_file.exists():
+                state = {"optimizer": optimizer.state_dict(), "step": progress.step, "seed": seed}
+                _save_checkpoint(run_dir / rundir.CHECKPOINT_DIR, policy, tokenizer, state)
+        except BaseException:  # (a full disk): run.json and MLflow say so, not "running" or "finished"
+            info["status"] = "failed"
+            if "mlflow_run_id" in info:
+                tracking.end_run(info["mlflow_run_id"], "failed")
+            raise
+        finally:
+            rundir.write_run_info(run_dir, info)
         if "mlflow_run_id" in info:
             tracking.log_artifacts(
                 info["mlflow_run_id"],
