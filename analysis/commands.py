@@ -27,7 +27,7 @@ from analysis.figures import (
     std_growth_figure,
 )
 from analysis.runs import Run, load_metrics, load_positions, log_artifacts, resolve_runs
-from ctpo_cli.errors import ConfigError, InputFileError
+from ctpo_cli.errors import ConfigError, DataError, InputFileError
 from ctpo_cli.runs import atomic
 from ctpo_cli.runs.atomic import atomic_path
 
@@ -259,7 +259,7 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
     for run in runs:
         try:
             evaluated.append((run, report.read_eval(report.run_eval_dir(run, eval_name))))
-        except FileNotFoundError as error:
+        except (FileNotFoundError, DataError) as error:
             options.console.print(f"skipped: {error}", highlight=False)
     if not evaluated:
         raise InputFileError(

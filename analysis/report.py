@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import Run
-from ctpo_cli.errors import InputFileError
+from ctpo_cli.errors import DataError, InputFileError
 
 EVAL_DIR = "eval"
 SUMMARY_FILE = "summary.csv"
@@ -79,8 +79,14 @@ def is_eval_dir(path: Path) -> bool:
 
 
 def read_eval(path: Path) -> EvalResult:
-    """The summary and (if present) per-problem table of an eval directory."""
-    summary = pd.read_csv(path / SUMMARY_FILE)
+    """The summary and (if present) per-problem table of an eval directory; DataError naming a summary
+    that is empty or damaged (never a method silently missing from the tables)."""
+    try:
+        summary = pd.read_csv(path / SUMMARY_FILE)
+    except (ValueError, pd.errors.ParserError) as error:
+        raise DataError(f"{path / SUMMARY_FILE} is damaged ({str(error).splitlines()[0]})") from None
+    if summary.empty or "benchmark" not in summary.columns:
+        raise DataError(f"{path / SUMMARY_FILE} has no results; run `ctpo eval` there again")
     summary["benchmark"] = summary["benchmark"].astype(str)
     per_problem = path / PER_PROBLEM_FILE
     problems = pd.read_csv(per_problem) if per_problem.is_file() else None

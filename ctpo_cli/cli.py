@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import sys
 import traceback
@@ -59,6 +60,13 @@ def methods() -> None:
 BACKENDS = ("verl", "local")
 
 
+def torch_device(value: str) -> str:
+    """A ``--device`` option: cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not cpu, cuda or cuda:N")
+    return value
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     overrides: list[str] = typer.Argument(
@@ -85,7 +93,7 @@ def train(
         None, envvar="CTPO_SANDBOX_URL", help="verl: use this sandbox service instead of starting one."
     ),
     preset: str = typer.Option("tiny", help="local: configuration preset."),
-    device: str = typer.Option("cpu", help="local: cpu or cuda."),
+    device: str = typer.Option("cpu", callback=torch_device, help="local: cpu or cuda."),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -129,6 +137,9 @@ def train(
         console.print(f"run finished: {run_dir}")
 
 
+DEFAULT_METHODS = "grpo,gspo,ctpo,ctpo-fixed,seq-is"
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def quickstart(
     overrides: list[str] = typer.Argument(
@@ -136,9 +147,7 @@ def quickstart(
     ),
     seed: int = typer.Option(0, min=0, help="Seed shared by every method (same data, same starting policy)."),
     preset: str = typer.Option("tiny", help="Local configuration preset (tiny, smoke)."),
-    methods: str = typer.Option(
-        ",".join(("grpo", "gspo", "ctpo", "ctpo-fixed", "seq-is")), help="Comma-separated."
-    ),
+    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated."),
     samples: int = typer.Option(8, min=1, help="k of the held-out avg@k."),
     out: Path = typer.Option(Path("runs"), help="Runs directory."),
     figures: Path = typer.Option(Path("figures"), help="Where figures and tables go."),
@@ -147,6 +156,8 @@ def quickstart(
     from ctpo_cli.quickstart import quickstart as run_quickstart
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    if not chosen:
+        raise ConfigError(f"--methods names no method; e.g. --methods {DEFAULT_METHODS}")
     run_quickstart(seed, preset, chosen, list(overrides or []), samples, out, figures, console)
 
 
@@ -157,7 +168,7 @@ def bench_loss(
     repeats: int = typer.Option(
         5, min=1, help="Timed forward+backward passes per method (after one warm-up)."
     ),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", callback=torch_device, help="cpu or cuda."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Time forward+backward of every method against verl's built-in `vanilla` loss (same run)."""
@@ -180,7 +191,9 @@ def bench_sandbox(
     try:
         levels = [int(level) for level in concurrency.split(",")]
     except ValueError:
-        raise UserError(f"--concurrency must be comma-separated integers, not {concurrency!r}") from None
+        levels = []
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--concurrency must be comma-separated integers >= 1, not {concurrency!r}")
     run_bench(requests=requests, concurrencies=levels, out=out or None, console=console)
 
 
@@ -204,8 +217,13 @@ def sandbox_serve(
     ),
 ) -> None:
     """SandboxFusion-compatible POST /run_code and GET /health; refuses to start without bubblewrap."""
+    from sandbox.config import SandboxConfig
     from sandbox.server import serve
 
+    try:  # (the sandbox is standalone: its errors are ValueErrors, the user's here)
+        SandboxConfig().with_settings(settings or [])
+    except ValueError as error:
+        raise ConfigError(f"--set: {error}") from None
     serve(host, port, workers, max_concurrency, unsafe_no_isolation, settings or [])
 
 
@@ -467,12 +485,16 @@ INTERRUPTED = (
     "interrupted: everything finished so far is saved; run the same command again to continue "
     "(ctpo train: add --resume)"
 )
-DISK_ERRORS = {
+PATH_ERRORS = {
     errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "disk quota exceeded",
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",
+    errno.ENOTDIR: "a part of the path is not a directory",
+    errno.EISDIR: "it is a directory",
+    errno.ENAMETOOLONG: "name too long",
 }
-DISK_ERRORS[errno.EDQUOT] = "disk quota exceeded"
+"""OSErrors about a path the user chose (``--out``, a runs directory) or a full disk: one line."""
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -493,8 +515,8 @@ def one_line(error: BaseException) -> str | None:
         return f"{error.format_message()}{where}"
     if isinstance(error, click.ClickException):
         return error.format_message()
-    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-        return f"cannot write {error.filename or 'a file'}: {DISK_ERRORS[error.errno]}"
+    if isinstance(error, OSError) and error.errno in PATH_ERRORS:
+        return f"cannot use {error.filename or 'a file'}: {PATH_ERRORS[error.errno]}"
     if isinstance(error, MemoryError):
         return "out of memory: use a smaller model, batch (--batch-size) or fewer samples"
     return None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctpo_cli.errors import BackendUnavailable, ConfigError, InputFileError
+from ctpo_cli.errors import BackendUnavailable, ConfigError, DataError, InputFileError
 from dataset import DATA_DIR
 from dataset.registry import (
     REGISTRY,
@@ -27,6 +27,7 @@ from dataset.registry import (
     get_spec,
     hub_reachable,
     output_name,
+    read_parquet,
     to_verl,
     validate,
     write_parquet,
@@ -51,15 +52,20 @@ def read_table(path: Path) -> pd.DataFrame:
         raise InputFileError(f"{path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return pd.read_parquet(path)
-    if suffix == ".jsonl":
-        return pd.read_json(path, lines=True, dtype=False)
-    if suffix == ".json":
-        data = json.loads(path.read_text())
-        return pd.DataFrame(data if isinstance(data, list) else dict(data))
-    if suffix == ".csv":
+        return read_parquet(path)
+    if suffix not in LOCAL_FORMATS:
+        raise ConfigError(f"{path}: unsupported file type {suffix!r} (use one of {', '.join(LOCAL_FORMATS)})")
+    try:
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+            return pd.DataFrame(data if isinstance(data, list) else dict(data))
         return pd.read_csv(path, dtype=str, keep_default_na=False)
-    raise ConfigError(f"{path}: unsupported file type {suffix!r} (use one of {', '.join(LOCAL_FORMATS)})")
+    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise DataError(
+            f"{path} is not a readable {suffix[1:]} table ({str(error).splitlines()[0]})"
+        ) from None
 
 
 def parse_from_file(entry: str) -> tuple[DatasetSpec, Path]:

@@ -16,6 +16,7 @@ Face hub (cached into ``dataset/`` for the next offline run).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Sequence
@@ -92,6 +93,11 @@ def _pick_column(frame: pd.DataFrame, preferred: str, aliases: Sequence[str], wh
     )
 
 
+def _missing(value: Any) -> bool:
+    """An absent answer: None, NaN (an empty cell) or blank text."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+
+
 def _answer_text(value: Any) -> str:
     text = str(value).strip()
     return extract_boxed(text) or text
@@ -107,6 +113,11 @@ def to_verl(
     """
     problem_column = _pick_column(raw, spec.problem_column, PROBLEM_ALIASES, "problem", source)
     answer_column = _pick_column(raw, spec.answer_column, ANSWER_ALIASES, "answer", source)
+    empty = [i for i, answer in enumerate(raw[answer_column]) if _missing(answer)]
+    if empty:
+        raise DataError(
+            f"{source}: row {empty[0]} has an empty {answer_column!r} (every problem needs its answer)"
+        )
     ids = (
         raw[spec.id_column].astype(str).tolist()
         if spec.id_column and spec.id_column in raw.columns
@@ -147,10 +158,10 @@ def validate(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     bad = [
         i
         for i, rm in enumerate(frame["reward_model"])
-        if not isinstance(rm, dict) or "ground_truth" not in rm
+        if not isinstance(rm, dict) or _missing(rm.get("ground_truth"))
     ]
     if bad:
-        raise DataError(f"{source}: reward_model of row {bad[0]} has no ground_truth")
+        raise DataError(f"{source}: reward_model of row {bad[0]} has no ground_truth (or an empty one)")
     frame = frame.reset_index(drop=True)
     if "id" not in frame.columns:
         frame["id"] = [str(i) for i in range(len(frame))]
@@ -206,14 +217,14 @@ def load_benchmark(name_or_path: str, data_dir: str | Path = DATA_DIR) -> pd.Dat
         path = Path(name_or_path)
         if not path.is_file():
             raise InputFileError(f"benchmark file {path} does not exist")
-        return validate(pd.read_parquet(path), str(path))
+        return validate(read_parquet(path), str(path))
     spec = get_spec(name_or_path)
     local = Path(data_dir) / f"{output_name(spec)}.parquet"
     if local.is_file():
-        return validate(pd.read_parquet(local), str(local))
+        return validate(read_parquet(local), str(local))
     shipped = shipped_file(output_name(spec))
     if shipped is not None:
-        return validate(pd.read_parquet(shipped), str(shipped))
+        return validate(read_parquet(shipped), str(shipped))
     try:
         raw = download(spec)
     except Exception as error:
@@ -225,6 +236,14 @@ def load_benchmark(name_or_path: str, data_dir: str | Path = DATA_DIR) -> pd.Dat
     frame = to_verl(raw, spec, spec.hf_id)
     write_parquet(frame, local)
     return validate(frame, spec.hf_id)
+
+
+def read_parquet(path: str | Path) -> pd.DataFrame:
+    """A parquet file; DataError naming it when it is not one (truncated, corrupt, another format)."""
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path} is not a readable parquet file ({str(error).splitlines()[0]})") from None
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import experiments
-from ctpo_cli.algo.losses import AGG_MODES
+from ctpo_cli.algo.losses import AGG_MODES, METHODS
 from ctpo_cli.errors import ConfigError
 
 
@@ -172,6 +172,10 @@ def check_ranges(config: LocalConfig) -> None:
         raise ConfigError(
             f"task.max_terms ({config.task.max_terms}) must be >= task.min_terms ({config.task.min_terms})"
         )
+    known = sorted({"clip_ratio", *(key for method in METHODS.values() for key in method.defaults)})
+    unknown = sorted(set(config.loss) - set(known))
+    if unknown:
+        raise ConfigError(f"loss.{unknown[0]} is no method's hyperparameter; valid: {', '.join(known)}")
     if config.rl.loss_agg_mode not in AGG_MODES:
         raise ConfigError(
             f"rl.loss_agg_mode {config.rl.loss_agg_mode!r} is not one of {', '.join(AGG_MODES)}"
