@@ -138,6 +138,8 @@ def train(
 
 
 DEFAULT_METHODS = "grpo,gspo,ctpo,ctpo-fixed,seq-is"
+INCOMPLETE = 3
+"""Exit code of a ``ctpo eval`` some of whose samples failed (see ``n_errors`` in its summary)."""
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -435,7 +437,16 @@ def eval_command(
         rescore=rescore,
         prompt_as_is=prompt_as_is,
     )
-    run_eval(settings, console)
+    summary = run_eval(settings, console)
+    failed = int(summary.loc[summary["benchmark"] != "average", "n_errors"].sum())
+    if failed:
+        Console(stderr=True).print(
+            f"[bold yellow]incomplete:[/] {failed} samples failed after retries (named in summary.md, left "
+            "out of avg@k); run the same command again to generate them",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(INCOMPLETE)
 
 
 @bench_app.command("scoring")

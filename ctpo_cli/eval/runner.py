@@ -330,12 +330,25 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
             records = {
                 name: saved_records(stores[name].load(), frame, settings.n) for name, frame in frames.items()
             }
+            records |= earlier_benchmarks(out, records, settings.n)
         summary, problems = summarize(records)
         files = write_outputs(out, summary, problems, title)
         print_summary(console, summary, title)
         console.print(f"results in {out}/ ({', '.join(p.name for p in files)})")
         log_summary(run_id, summary, files)
     return summary
+
+
+def earlier_benchmarks(
+    out: Path, evaluated: dict[str, list[dict[str, Any]]], n: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Samples 0..n-1 of the other benchmarks evaluated in ``out`` before (same settings: ``check_resume``),
+    so that the summary there covers every benchmark, not just this command's."""
+    stores = sorted((out / GENERATIONS_DIR).glob("*.jsonl"))
+    saved = {path.stem: GenerationStore(path).load() for path in stores if path.stem not in evaluated}
+    return {
+        name: [r for r in records.values() if r["sample"] < n] for name, records in saved.items() if records
+    }
 
 
 def saved_records(
