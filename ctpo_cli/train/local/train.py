@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -376,10 +378,17 @@ def _save_checkpoint(
     """Write a Hugging Face checkpoint (+ trainer state) next to ``path`` and swap it in atomically."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if state is not None:
-        torch.save(state, tmp / "trainer_state.pt")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, tmp / "trainer_state.pt")
+    except BaseException as error:  # (a full disk): free what was written, keep the previous checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"os error (\d+)", str(error))
+        if code and not isinstance(error, OSError):  # safetensors reports I/O errors as its own type
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from error
+        raise
     old = path.with_name(path.name + ".old")
     if path.exists():
         path.rename(old)
