@@ -3,6 +3,7 @@ SIGKILLed one whose run a later process ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -83,3 +84,35 @@ def test_a_sigkilled_run_is_marked_killed_by_the_next_one(tmp_path: Path) -> Non
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_four_ctpo_evals_at_once_in_an_empty_directory(tmp_path: Path) -> None:
+    """The issue's case: four `ctpo eval` (re-scoring saved samples) started together where no mlflow.db
+    exists yet; each succeeds and its run is FINISHED in the ctpo-eval experiment."""
+    record = {"ground_truth": "42", "answer": None, "correct": False, "num_turns": 1, "tool_calls": 0}
+    record |= {"tool_errors": 0, "response_tokens": 5, "stop_reason": "stop", "error": None}
+    record |= {"turns": [{"text": "so \\boxed{42}"}], "sample": 0}
+    for i in range(4):
+        folder = tmp_path / f"out{i}" / "generations"
+        folder.mkdir(parents=True)
+        lines = [json.dumps(record | {"problem_id": f"p{p}"}) + "\n" for p in range(3)]
+        (folder / "bench.jsonl").write_text("".join(lines))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    command = [sys.executable, "-m", "ctpo_cli.cli", "eval", "--model", "m", "--benchmarks", "bench"]
+    evals = [
+        subprocess.Popen(
+            [*command, "--n", "1", "--rescore", "--out", f"out{i}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in evals]
+    assert [code for code, _ in results] == [0, 0, 0, 0], results
+    found = runs(tmp_path)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert {r.info.experiment_id for r in found} == {client.get_experiment_by_name("ctpo-eval").experiment_id}
+    assert [r.info.status for r in found] == ["FINISHED"] * 4
