@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ctpo_cli.errors import ConfigError, UserError
+from ctpo_cli.errors import BackendUnavailable, ConfigError, UserError
 from dataset import DATA_DIR
 
 app = typer.Typer(
@@ -220,12 +220,17 @@ def sandbox_serve(
 ) -> None:
     """SandboxFusion-compatible POST /run_code and GET /health; refuses to start without bubblewrap."""
     from sandbox.config import SandboxConfig
+    from sandbox.executor import check_isolation
     from sandbox.server import serve
 
-    try:  # (the sandbox is standalone: its errors are ValueErrors, the user's here)
-        SandboxConfig().with_settings(settings or [])
+    try:  # (the sandbox is standalone: its errors are built-in ones, the user's here)
+        config = SandboxConfig(isolate=not unsafe_no_isolation).with_settings(settings or [])
     except ValueError as error:
         raise ConfigError(f"--set: {error}") from None
+    try:
+        check_isolation(config)
+    except (FileNotFoundError, ValueError) as error:
+        raise BackendUnavailable(str(error)) from None
     serve(host, port, workers, max_concurrency, unsafe_no_isolation, settings or [])
 
 
