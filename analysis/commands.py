@@ -27,6 +27,9 @@ from analysis.figures import (
     std_growth_figure,
 )
 from analysis.runs import Run, load_metrics, load_positions, log_artifacts, resolve_runs
+from ctpo_cli.errors import ConfigError, DataError, InputFileError
+from ctpo_cli.runs import atomic
+from ctpo_cli.runs.atomic import atomic_path
 
 PHASES = ("early", "mid", "late")
 TABLE2_TITLE = "Table 2: avg@k (%) [95% interval: over seeds when there are ≥ 2, else across problems]"
@@ -51,7 +54,7 @@ def parse_steps(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"--steps takes comma-separated step numbers, e.g. 50,100,150; got {text!r}"
         ) from None
 
@@ -84,8 +87,8 @@ def print_frame(frame: pd.DataFrame, title: str, console: Console) -> None:
 
 
 def _csv(frame: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return path
 
 
@@ -271,10 +274,10 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
     for run in runs:
         try:
             evaluated.append((run, report.read_eval(report.run_eval_dir(run, eval_name))))
-        except FileNotFoundError as error:
+        except (FileNotFoundError, DataError) as error:
             options.console.print(f"skipped: {error}", highlight=False)
     if not evaluated:
-        raise FileNotFoundError(
+        raise InputFileError(
             "none of these runs has eval results (<run_dir>/eval/summary.csv); run `ctpo eval` first"
         )
     for run, result in evaluated:
@@ -307,7 +310,7 @@ def run_report(run_args: Sequence[str], options: Options, eval_name: str = "") -
         paths.append(_csv(data, options.out / f"report_{stem}.csv"))
     markdown = "\n\n".join(f"### {title}\n\n{report.markdown(shown)}" for title, shown, _, _ in sections)
     md_path = options.out / "report.md"
-    md_path.write_text(markdown + "\n")
+    atomic.write_text(md_path, markdown + "\n")
     paths.append(md_path)
     _publish(runs, paths, "report", options)
     return paths

@@ -26,6 +26,7 @@ from analysis.curves import CURVES, Curve
 from analysis.positions import FIT_RULE, MIN_FIT_TOKENS, GrowthFit, window_label
 from analysis.runs import Run
 from analysis.style import method_color
+from ctpo_cli.runs.atomic import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
@@ -66,7 +67,8 @@ def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     with styled():
         for path in paths:
-            fig.savefig(path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=path.suffix.removeprefix("."))
     return paths
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo_cli.algo.diagnostics import FIXED_WINDOW, SQRT_WINDOW, STAT_COLUMNS
+from ctpo_cli.errors import DataError
 
 WINDOWS: dict[str, tuple[str, str]] = {
     "fixed": ("fixed_low", "fixed_high"),
@@ -104,7 +105,7 @@ def select_plane(frame: pd.DataFrame, include_onpolicy: bool = False) -> pd.Data
     """
     rows = frame if include_onpolicy else frame[frame["offpolicy"].astype(bool)]
     if rows.empty:
-        raise ValueError(
+        raise DataError(
             "no off-policy per-position rows (one mini-batch per step?); use --include-onpolicy to "
             "plot the on-policy rows, where K_t is ~0"
         )
@@ -126,7 +127,7 @@ def spread_steps(available: Sequence[int], count: int = 3) -> list[int]:
 def _sorted_steps(available: Sequence[int]) -> list[int]:
     steps = sorted(set(available))
     if not steps:
-        raise ValueError("no steps with per-position diagnostics")
+        raise DataError("no steps with per-position diagnostics")
     return steps
 
 
@@ -167,7 +168,7 @@ def fit_growth(std: pd.DataFrame) -> GrowthFit:
     fit range (module docstring)."""
     std = fit_range(std)
     if std["position"].nunique() < 3:
-        raise ValueError(
+        raise DataError(
             f"need at least three positions with ≥ {MIN_FIT_TOKENS} tokens and a non-zero std of K_t to fit its growth"
         )
     t = std["position"].to_numpy(dtype=float)

@@ -37,6 +37,7 @@ import pandas as pd
 
 from analysis.aggregate import Z95, mean_interval
 from analysis.runs import Run
+from ctpo_cli.errors import DataError, InputFileError
 
 EVAL_DIR = "eval"
 SUMMARY_FILE = "summary.csv"
@@ -78,8 +79,14 @@ def is_eval_dir(path: Path) -> bool:
 
 
 def read_eval(path: Path) -> EvalResult:
-    """The summary and (if present) per-problem table of an eval directory."""
-    summary = pd.read_csv(path / SUMMARY_FILE)
+    """The summary and (if present) per-problem table of an eval directory; DataError naming a summary
+    that is empty or damaged (never a method silently missing from the tables)."""
+    try:
+        summary = pd.read_csv(path / SUMMARY_FILE)
+    except (ValueError, pd.errors.ParserError) as error:
+        raise DataError(f"{path / SUMMARY_FILE} is damaged ({str(error).splitlines()[0]})") from None
+    if summary.empty or "benchmark" not in summary.columns:
+        raise DataError(f"{path / SUMMARY_FILE} has no results; run `ctpo eval` there again")
     summary["benchmark"] = summary["benchmark"].astype(str)
     per_problem = path / PER_PROBLEM_FILE
     problems = pd.read_csv(per_problem) if per_problem.is_file() else None
@@ -90,17 +97,17 @@ def run_eval_dir(run: Run, name: str = "") -> Path:
     """The run's eval directory: ``eval/<name>`` when named, else ``eval/`` when it holds a summary,
     else the most recently written ``eval/**`` with one."""
     if run.run_dir is None:
-        raise FileNotFoundError(f"run {run.label} ({run.source}) has no run directory with eval results")
+        raise InputFileError(f"run {run.label} ({run.source}) has no run directory with eval results")
     root = run.run_dir / EVAL_DIR
     if name:
         if not is_eval_dir(root / name):
-            raise FileNotFoundError(f"run {run.label}: no {EVAL_DIR}/{name}/{SUMMARY_FILE} in {run.run_dir}")
+            raise InputFileError(f"run {run.label}: no {EVAL_DIR}/{name}/{SUMMARY_FILE} in {run.run_dir}")
         return root / name
     if is_eval_dir(root):
         return root
     found = sorted(root.glob(f"**/{SUMMARY_FILE}"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"run {run.label}: no {EVAL_DIR}/{SUMMARY_FILE} in {run.run_dir}")
+        raise InputFileError(f"run {run.label}: no {EVAL_DIR}/{SUMMARY_FILE} in {run.run_dir}")
     return found[-1].parent
 
 

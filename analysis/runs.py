@@ -23,6 +23,7 @@ import pandas as pd
 
 from analysis.style import METHOD_COLORS
 from ctpo_cli.algo.diagnostics import POSITIONS_DIR, read_positions
+from ctpo_cli.errors import ConfigError, InputFileError
 from ctpo_cli.runs import tracking
 from ctpo_cli.runs.rundir import (
     METRICS_FILE,
@@ -88,10 +89,10 @@ def resolve_run(arg: str, base: Path = RUNS_DIR) -> Run:
         if (candidate / RUN_FILE).is_file():
             return run_from_dir(candidate)
     if Path(arg).is_dir():
-        raise FileNotFoundError(f"{arg} is a directory but not a ctpo run directory (no {RUN_FILE})")
+        raise InputFileError(f"{arg} is a directory but not a ctpo run directory (no {RUN_FILE})")
     found = find_mlflow_run(arg)
     if found is None:
-        raise ValueError(
+        raise ConfigError(
             f"{arg!r} is neither a run directory nor a run id or name in the MLflow store {tracking_uri()}"
         )
     return run_from_mlflow(found)
@@ -180,7 +181,7 @@ def latest_runs(base: Path = RUNS_DIR) -> list[Run]:
             if method and method not in runs:
                 runs[method] = run_from_mlflow(record)
     if not runs:
-        raise ValueError(
+        raise InputFileError(
             f"no runs found under {base}/ or in the MLflow store {tracking_uri()}; {HOW_TO_MAKE_A_RUN}"
         )
     return list(runs.values())
@@ -195,7 +196,7 @@ def load_metrics(run: Run, keys: Sequence[re.Pattern[str]] = ()) -> pd.DataFrame
         return read_metrics(run.run_dir)
     client = tracking.existing_client() if run.mlflow_run_id else None
     if client is None or run.mlflow_run_id is None:
-        raise FileNotFoundError(f"run {run.label}: no {METRICS_FILE} in {run.source} and no MLflow run")
+        raise InputFileError(f"run {run.label}: no {METRICS_FILE} in {run.source} and no MLflow run")
     names = [
         k
         for k in client.get_run(run.mlflow_run_id).data.metrics
@@ -223,7 +224,7 @@ def load_positions(run: Run) -> pd.DataFrame:
         with tempfile.TemporaryDirectory() as tmp:
             client.download_artifacts(run.mlflow_run_id, POSITIONS_DIR, tmp)
             return read_positions(tmp)
-    raise FileNotFoundError(
+    raise InputFileError(
         f"run {run.label} ({run.source}) has no per-position diagnostics ({POSITIONS_DIR}/step_*.parquet)"
     )
 

@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import signal
 import sys
+import traceback
 from pathlib import Path
+from types import ModuleType
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from ctpo_cli.errors import BackendUnavailable, ConfigError, UserError
 from dataset import DATA_DIR
 from sandbox.config import WithoutCgroups
 
@@ -28,11 +35,9 @@ plot_app = typer.Typer(
 )
 app.add_typer(plot_app, name="plot")
 
-console = Console()
-
-
-class UserError(Exception):
-    """A problem with what the user asked for; shown as one line, never a traceback."""
+LOG_WIDTH = 200
+"""Columns of a table written off a terminal (a pipe, a log file): wide enough that no header is elided."""
+console = Console(width=None if sys.stdout.isatty() else LOG_WIDTH)
 
 
 @app.command()
@@ -56,6 +61,13 @@ def methods() -> None:
 BACKENDS = ("verl", "local")
 
 
+def torch_device(value: str) -> str:
+    """A ``--device`` option: cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not cpu, cuda or cuda:N")
+    return value
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     overrides: list[str] = typer.Argument(
@@ -68,7 +80,9 @@ def train(
         "local: a checkpoint (default: the tiny model).",
     ),
     backend: str = typer.Option("verl", help="verl (GPU cluster, the paper's runs) or local (this machine)."),
-    seed: int | None = typer.Option(None, help="Random seed (verl default: the experiment's; local: 0)."),
+    seed: int | None = typer.Option(
+        None, min=0, help="Random seed (verl default: the experiment's; local: 0)."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="verl: print the composed config and command; run nothing."
     ),
@@ -80,7 +94,7 @@ def train(
         None, envvar="CTPO_SANDBOX_URL", help="verl: use this sandbox service instead of starting one."
     ),
     preset: str = typer.Option("tiny", help="local: configuration preset."),
-    device: str = typer.Option("cpu", help="local: cpu or cuda."),
+    device: str = typer.Option("cpu", callback=torch_device, help="local: cpu or cuda."),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -124,17 +138,20 @@ def train(
         console.print(f"run finished: {run_dir}")
 
 
+DEFAULT_METHODS = "grpo,gspo,ctpo,ctpo-fixed,seq-is"
+INCOMPLETE = 3
+"""Exit code of a ``ctpo eval`` some of whose samples failed (see ``n_errors`` in its summary)."""
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def quickstart(
     overrides: list[str] = typer.Argument(
         None, help="key=value overrides of the local config (e.g. rl.steps=20)."
     ),
-    seed: int = typer.Option(0, help="Seed shared by every method (same data, same starting policy)."),
+    seed: int = typer.Option(0, min=0, help="Seed shared by every method (same data, same starting policy)."),
     preset: str = typer.Option("tiny", help="Local configuration preset (tiny, smoke)."),
-    methods: str = typer.Option(
-        ",".join(("grpo", "gspo", "ctpo", "ctpo-fixed", "seq-is")), help="Comma-separated."
-    ),
-    samples: int = typer.Option(8, help="k of the held-out avg@k."),
+    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated."),
+    samples: int = typer.Option(8, min=1, help="k of the held-out avg@k."),
     out: Path = typer.Option(Path("runs"), help="Runs directory."),
     figures: Path = typer.Option(Path("figures"), help="Where figures and tables go."),
 ) -> None:
@@ -142,6 +159,8 @@ def quickstart(
     from ctpo_cli.quickstart import quickstart as run_quickstart
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    if not chosen:
+        raise ConfigError(f"--methods names no method; e.g. --methods {DEFAULT_METHODS}")
     run_quickstart(seed, preset, chosen, list(overrides or []), samples, out, figures, console)
 
 
@@ -156,12 +175,14 @@ def sweep(
     backend: str = typer.Option("local", help="local (Ray tasks) or verl (Ray jobs on --address)."),
     preset: str = typer.Option("tiny", help="local: configuration preset."),
     model: str | None = typer.Option(None, help="Model (as for ctpo train; default: the backend's)."),
-    samples: int = typer.Option(8, help="local: samples per held-out problem (the k of avg@k)."),
+    samples: int = typer.Option(8, min=1, help="local: samples per held-out problem (the k of avg@k)."),
     out: Path = typer.Option(Path("sweeps") / "sweep", help="Sweep directory (rerun to resume)."),
     address: str | None = typer.Option(
         None, help="Ray cluster (local: default start one for the sweep; verl: the job server, required)."
     ),
-    workers: int | None = typer.Option(None, help="local: CPUs of the Ray started here (default: all)."),
+    workers: int | None = typer.Option(
+        None, min=1, help="local: CPUs of the Ray started here (default: all)."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the grid (verl: the job commands); run nothing."
     ),
@@ -198,11 +219,11 @@ def sweep(
 
 @bench_app.command("loss")
 def bench_loss(
-    batch: int = typer.Option(64, help="Responses per micro-batch."),
-    length: int = typer.Option(8192, help="Tokens per response."),
+    batch: int = typer.Option(64, min=1, help="Responses per micro-batch."),
+    length: int = typer.Option(8192, min=1, help="Tokens per response."),
     rounds: int = typer.Option(5, min=1, help="Interleaved rounds (baseline, every method, baseline)."),
     calls: int = typer.Option(3, min=1, help="Timed forward+backward passes per contestant and round."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", callback=torch_device, help="cpu or cuda."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Time forward+backward of every method against verl's built-in `vanilla` loss (same run)."""
@@ -221,7 +242,7 @@ def bench_loss(
 
 @bench_app.command("sandbox")
 def bench_sandbox(
-    requests: int = typer.Option(40, help="Runs per timed batch (one measured call of the harness)."),
+    requests: int = typer.Option(40, min=1, help="Runs per timed batch (one measured call of the harness)."),
     concurrency: str = typer.Option("1,8,32", help="Comma-separated numbers of concurrent clients."),
     rounds: int = typer.Option(5, min=1, help="Interleaved rounds (bare, sandbox, bare) per concurrency."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
@@ -232,7 +253,9 @@ def bench_sandbox(
     try:
         levels = [int(level) for level in concurrency.split(",")]
     except ValueError:
-        raise UserError(f"--concurrency must be comma-separated integers, not {concurrency!r}") from None
+        levels = []
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--concurrency must be comma-separated integers >= 1, not {concurrency!r}")
     run_bench(requests=requests, concurrencies=levels, rounds=rounds, out=out or None, console=console)
 
 
@@ -243,10 +266,10 @@ app.add_typer(sandbox_app, name="sandbox")
 @sandbox_app.command("serve")
 def sandbox_serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-    port: int = typer.Option(8080, help="TCP port (0: any free port)."),
-    workers: int = typer.Option(1, help="uvicorn worker processes."),
+    port: int = typer.Option(8080, min=0, max=65535, help="TCP port (0: any free port)."),
+    workers: int = typer.Option(1, min=1, help="uvicorn worker processes."),
     max_concurrency: int | None = typer.Option(
-        None, help="Programs running at once per worker (default: number of CPUs); others queue."
+        None, min=1, help="Programs running at once per worker (default: number of CPUs); others queue."
     ),
     unsafe_no_isolation: bool = typer.Option(
         False, "--unsafe-no-isolation", help="Run programs WITHOUT bubblewrap isolation (throwaway hosts)."
@@ -260,9 +283,19 @@ def sandbox_serve(
     ),
 ) -> None:
     """SandboxFusion-compatible POST /run_code and GET /health; refuses to start without bubblewrap."""
+    from sandbox.config import SandboxConfig
+    from sandbox.executor import check_isolation
     from sandbox.server import serve
 
     options = [*(settings or []), f"without_cgroups={without_cgroups.value}"]
+    try:  # (the sandbox is standalone: its errors are built-in ones, the user's here)
+        config = SandboxConfig(isolate=not unsafe_no_isolation).with_settings(options)
+    except ValueError as error:
+        raise ConfigError(f"--set: {error}") from None
+    try:
+        check_isolation(config)
+    except (FileNotFoundError, ValueError) as error:
+        raise BackendUnavailable(str(error)) from None
     serve(host, port, workers, max_concurrency, unsafe_no_isolation, options)
 
 
@@ -337,7 +370,7 @@ def report(
 
 @app.command()
 def theory(
-    vocab: int = typer.Option(3, help="Vocabulary size V (at least 2)."),
+    vocab: int = typer.Option(3, min=2, help="Vocabulary size V (at least 2)."),
     horizon: int | None = typer.Option(
         None, help="Steps T. Default 6; --monte-carlo: 64, run at T, T/2, T/4, T/8.", show_default=False
     ),
@@ -348,7 +381,9 @@ def theory(
     monte_carlo: bool = typer.Option(
         False, "--monte-carlo", help="Markov policies, long horizons: sampled estimates against exact values."
     ),
-    samples: int = typer.Option(20_000, help="--monte-carlo: sequences drawn from mu per seed and horizon."),
+    samples: int = typer.Option(
+        20_000, min=2, help="--monte-carlo: sequences drawn from mu per seed and horizon."
+    ),
     advantage: str = typer.Option(
         "q", help="Per-token signal: q = Q^pi, a = Q^pi - V^pi(s_t), outcome = R(y) (exact mode only)."
     ),
@@ -364,15 +399,14 @@ def theory(
     import json
     from pathlib import Path
 
-    from rich.markup import escape
     from rich.table import Table
 
     from ctpo_cli.theory import exact as th
 
     if out and not monte_carlo:
-        raise ValueError("--out needs --monte-carlo (the exact mode writes no files)")
+        raise ConfigError("--out needs --monte-carlo (the exact mode writes no files)")
     if shared_parameters and monte_carlo:
-        raise ValueError("--shared-parameters is for the exact mode (per-position variances do not change)")
+        raise ConfigError("--shared-parameters is for the exact mode (per-position variances do not change)")
     steps = horizon if horizon is not None else (64 if monte_carlo else 6)
     count = seeds if seeds is not None else (4 if monte_carlo else 8)
     files: list[Path] = []
@@ -414,11 +448,11 @@ def eval_command(
         "",
         help="Comma-separated benchmark names or .parquet paths. Default: the paper's four (aime25,aime26,hmmt_nov_2025,brumo_2025).",
     ),
-    n: int = typer.Option(32, "--n", help="Samples per problem: the k of avg@k."),
-    temperature: float = typer.Option(0.7, help="Sampling temperature (0: greedy)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
-    max_turns: int = typer.Option(5, help="Assistant turns per sample (tool calls <= max_turns - 1)."),
-    max_tokens: int = typer.Option(8000, help="Response token budget, tool output included."),
+    n: int = typer.Option(32, "--n", min=1, help="Samples per problem: the k of avg@k."),
+    temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling threshold."),
+    max_turns: int = typer.Option(5, min=1, help="Assistant turns per sample (tool calls <= max_turns - 1)."),
+    max_tokens: int = typer.Option(8000, min=1, help="Response token budget, tool output included."),
     tools: bool = typer.Option(
         True, "--tools/--no-tools", help="Run the model's python blocks in the sandbox."
     ),
@@ -438,8 +472,8 @@ def eval_command(
         str(DATA_DIR),
         help="Where `ctpo data prepare` wrote the benchmarks (the shipped sets are found without it).",
     ),
-    seed: int = typer.Option(0, help="Base seed of the per-sample seeds."),
-    batch_size: int = typer.Option(0, help="Samples generated together (0: the backend's default)."),
+    seed: int = typer.Option(0, min=0, help="Base seed of the per-sample seeds."),
+    batch_size: int = typer.Option(0, min=0, help="Samples generated together (0: the backend's default)."),
     rescore: bool = typer.Option(False, "--rescore", help="Re-score saved generations; no model is loaded."),
     prompt_as_is: bool = typer.Option(
         False, "--prompt-as-is", help="Use the benchmark's messages unchanged (no system prompt added)."
@@ -473,14 +507,25 @@ def eval_command(
         rescore=rescore,
         prompt_as_is=prompt_as_is,
     )
-    run_eval(settings, console)
+    summary = run_eval(settings, console)
+    failed = int(summary.loc[summary["benchmark"] != "average", "n_errors"].sum())
+    if failed:
+        Console(stderr=True).print(
+            f"[bold yellow]incomplete:[/] {failed} samples failed after retries (named in summary.md, left "
+            "out of avg@k); run the same command again to generate them",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(INCOMPLETE)
 
 
 @bench_app.command("scoring")
 def bench_scoring(
-    answers: int = typer.Option(2000, help="Responses to score (8 per ground truth, about half right)."),
-    workers: int = typer.Option(2, help="Worker processes of the scoring pool."),
-    rounds: int = typer.Option(3, help="Interleaved rounds (baseline, pool, baseline)."),
+    answers: int = typer.Option(
+        2000, min=1, help="Responses to score (8 per ground truth, about half right)."
+    ),
+    workers: int = typer.Option(2, min=1, help="Worker processes of the scoring pool."),
+    rounds: int = typer.Option(3, min=1, help="Interleaved rounds (baseline, pool, baseline)."),
     out: str = typer.Option("", help="Also write the table as CSV here."),
 ) -> None:
     """Answers/s of score_batch (math-verify worker pool) vs math-verify called in-process."""
@@ -517,26 +562,93 @@ def data_prepare(
     console.print(table)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions shown as one line: bad input, missing files, a sandbox service that is not there."""
+BUG_NOTE = "this is a bug in ctpo; please report it with the traceback above"
+INTERRUPTED = (
+    "interrupted: everything finished so far is saved; run the same command again to continue "
+    "(ctpo train: add --resume)"
+)
+PATH_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.ENOTDIR: "a part of the path is not a directory",
+    errno.EISDIR: "it is a directory",
+    errno.ENAMETOOLONG: "name too long",
+}
+"""OSErrors about a path the user chose (``--out``, a runs directory) or a full disk: one line."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM ends a command as Ctrl-C does: runs are recorded KILLED, checkpoints saved, services stopped."""
+    raise KeyboardInterrupt
+
+
+def one_line(error: BaseException) -> str | None:
+    """The one line shown for a user's error (not ctpo's): bad input, a missing file, an unavailable
+    service, a full or read-only disk, memory; None for anything else (a bug)."""
     from sandbox.client import SandboxUnavailable  # (httpx: imported only when an error is handled)
 
-    return (UserError, ValueError, FileNotFoundError, SandboxUnavailable)
+    click = click_exceptions()
+    if isinstance(error, UserError | SandboxUnavailable):
+        return str(error)
+    if isinstance(error, click.UsageError):
+        where = f" (see {error.ctx.command_path} --help)" if error.ctx else ""
+        return f"{error.format_message()}{where}"
+    if isinstance(error, click.ClickException):
+        return error.format_message()
+    if isinstance(error, OSError) and error.errno in PATH_ERRORS:
+        return f"cannot use {error.filename or 'a file'}: {PATH_ERRORS[error.errno]}"
+    if isinstance(error, MemoryError):
+        return "out of memory: use a smaller model, batch (--batch-size) or fewer samples"
+    return None
+
+
+def click_exceptions() -> ModuleType:
+    """The exceptions of the click that Typer runs on (Typer 0.2x vendors its own copy)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions
 
 
 def main() -> None:
-    """Entry point: user errors become one red line (CTPO_DEBUG=1 shows the traceback)."""
+    """Entry point: a user's error becomes one red line (exit 2; CTPO_DEBUG=1 shows the traceback), any
+    other exception its traceback and a note that it is a bug (exit 1); Ctrl-C or SIGTERM (exit 130)
+    says what was kept."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # Rich shows progress; no tqdm bars
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
-    except user_errors() as error:
-        if os.environ.get("CTPO_DEBUG"):
-            raise
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        Console(stderr=True).print("[yellow]interrupted[/]")
-        sys.exit(130)
+        code = run_app()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)
+
+
+def run_app() -> int:
+    """The app, its errors shown as :func:`main` says; the exit code."""
+    click = click_exceptions()
+    errors = Console(stderr=True, width=None if sys.stderr.isatty() else LOG_WIDTH)
+    try:
+        code = app(prog_name="ctpo", standalone_mode=False)
+    except click.NoArgsIsHelpError as error:
+        error.show()  # the help text, as `ctpo` alone or `ctpo plot` prints it
+        return error.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    except Exception as error:
+        line = one_line(error)
+        if line is None or os.environ.get("CTPO_DEBUG"):
+            traceback.print_exc()
+        if line is None:
+            errors.print(f"[bold red]error:[/] {BUG_NOTE}", highlight=False, soft_wrap=True)
+            return 1
+        errors.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        return 2
+    if code == 130:
+        errors.print(f"[yellow]{INTERRUPTED}[/]", highlight=False, soft_wrap=True)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

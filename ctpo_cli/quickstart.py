@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ctpo_cli.algo.losses import METHODS
+from ctpo_cli.errors import ConfigError
 from ctpo_cli.runs import rundir
+from ctpo_cli.runs.atomic import atomic_path
 from ctpo_cli.train.local.config import build_config
 from ctpo_cli.train.local.train import starting_checkpoint, train_local
 
@@ -45,7 +47,7 @@ def quickstart(
     console = console or Console()
     for method in methods:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     config = build_config(preset, list(overrides))
     began = time.perf_counter()
     console.rule("[bold]ctpo quickstart")
@@ -80,7 +82,8 @@ def quickstart(
 
     table = comparison(runs, start_eval)
     show(table, console, samples, time.perf_counter() - began)
-    table.to_csv(Path(figures_dir) / "quickstart_comparison.csv", index=False)
+    with atomic_path(Path(figures_dir) / "quickstart_comparison.csv") as tmp:
+        table.to_csv(tmp, index=False)
     return table
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ctpo_cli.errors import BackendUnavailable, ConfigError, DataError, InputFileError
 from dataset import DATA_DIR
 from dataset.registry import (
     REGISTRY,
@@ -26,6 +27,7 @@ from dataset.registry import (
     get_spec,
     hub_reachable,
     output_name,
+    read_parquet,
     to_verl,
     validate,
     write_parquet,
@@ -47,18 +49,23 @@ class Prepared:
 def read_table(path: Path) -> pd.DataFrame:
     """A local parquet, JSON (a list of records or a dict of columns), JSON Lines or CSV file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise InputFileError(f"{path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return pd.read_parquet(path)
-    if suffix == ".jsonl":
-        return pd.read_json(path, lines=True, dtype=False)
-    if suffix == ".json":
-        data = json.loads(path.read_text())
-        return pd.DataFrame(data if isinstance(data, list) else dict(data))
-    if suffix == ".csv":
+        return read_parquet(path)
+    if suffix not in LOCAL_FORMATS:
+        raise ConfigError(f"{path}: unsupported file type {suffix!r} (use one of {', '.join(LOCAL_FORMATS)})")
+    try:
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+            return pd.DataFrame(data if isinstance(data, list) else dict(data))
         return pd.read_csv(path, dtype=str, keep_default_na=False)
-    raise ValueError(f"{path}: unsupported file type {suffix!r} (use one of {', '.join(LOCAL_FORMATS)})")
+    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise DataError(
+            f"{path} is not a readable {suffix[1:]} table ({str(error).splitlines()[0]})"
+        ) from None
 
 
 def parse_from_file(entry: str) -> tuple[DatasetSpec, Path]:
@@ -72,7 +79,7 @@ def parse_from_file(entry: str) -> tuple[DatasetSpec, Path]:
     if name in REGISTRY:
         return REGISTRY[name], Path(path)
     if not name.isidentifier():
-        raise ValueError(f"--from-file {entry}: give it a name, as NAME=PATH (known: {', '.join(REGISTRY)})")
+        raise ConfigError(f"--from-file {entry}: give it a name, as NAME=PATH (known: {', '.join(REGISTRY)})")
     return DatasetSpec(name, f"local/{name}", "test"), Path(path)
 
 
@@ -98,7 +105,7 @@ def prepare(
     jobs += [(get_spec(name), None) for name in names if name not in local_names]
     if any(path is None for _, path in jobs) and not hub_reachable():
         missing = ",".join(spec.name for spec, path in jobs if path is None)
-        raise ValueError(
+        raise BackendUnavailable(
             f"cannot reach the Hugging Face hub to download {missing}; offline, convert local files with "
             "`ctpo data prepare --from-file NAME=FILE` (parquet, JSON, JSONL or CSV with problem and answer columns)"
         )

@@ -16,6 +16,7 @@ Face hub (cached into ``dataset/`` for the next offline run).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
+from ctpo_cli.errors import ConfigError, DataError, InputFileError
+from ctpo_cli.runs.atomic import atomic_path
 from ctpo_cli.tir.protocol import SYSTEM_PROMPT
 from ctpo_cli.tir.scoring import extract_boxed
 from dataset import DATA_DIR, shipped_file
@@ -69,7 +72,7 @@ ANSWER_ALIASES = ("answer", "Answer", "ground_truth", "final_answer", "solution"
 def get_spec(name: str) -> DatasetSpec:
     """The registry entry; ValueError listing the valid names for an unknown one."""
     if name not in REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"unknown dataset {name!r}; valid names: {', '.join(REGISTRY)} (or a path to a .parquet)"
         )
     return REGISTRY[name]
@@ -84,10 +87,15 @@ def _pick_column(frame: pd.DataFrame, preferred: str, aliases: Sequence[str], wh
     for column in (preferred, *aliases):
         if column in frame.columns:
             return column
-    raise ValueError(
+    raise DataError(
         f"{source}: no {what} column (looked for {', '.join(dict.fromkeys((preferred, *aliases)))}; "
         f"has {', '.join(map(str, frame.columns))})"
     )
+
+
+def _missing(value: Any) -> bool:
+    """An absent answer: None, NaN (an empty cell) or blank text."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
 
 
 def _answer_text(value: Any) -> str:
@@ -105,6 +113,11 @@ def to_verl(
     """
     problem_column = _pick_column(raw, spec.problem_column, PROBLEM_ALIASES, "problem", source)
     answer_column = _pick_column(raw, spec.answer_column, ANSWER_ALIASES, "answer", source)
+    empty = [i for i, answer in enumerate(raw[answer_column]) if _missing(answer)]
+    if empty:
+        raise DataError(
+            f"{source}: row {empty[0]} has an empty {answer_column!r} (every problem needs its answer)"
+        )
     ids = (
         raw[spec.id_column].astype(str).tolist()
         if spec.id_column and spec.id_column in raw.columns
@@ -128,7 +141,7 @@ def to_verl(
     ]
     frame = pd.DataFrame(rows)
     if frame["id"].duplicated().any():
-        raise ValueError(f"{source}: duplicate problem ids in column {spec.id_column!r}")
+        raise DataError(f"{source}: duplicate problem ids in column {spec.id_column!r}")
     return frame
 
 
@@ -136,25 +149,25 @@ def validate(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     """Check the verl schema (ValueError naming missing columns); fill ``id``/``ability``/``extra_info``."""
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{source} is not in verl format: missing column(s) {', '.join(missing)} "
             f"(has {', '.join(map(str, frame.columns))}); convert it with `ctpo data prepare --from-file`"
         )
     if len(frame) == 0:
-        raise ValueError(f"{source} has no rows")
+        raise DataError(f"{source} has no rows")
     bad = [
         i
         for i, rm in enumerate(frame["reward_model"])
-        if not isinstance(rm, dict) or "ground_truth" not in rm
+        if not isinstance(rm, dict) or _missing(rm.get("ground_truth"))
     ]
     if bad:
-        raise ValueError(f"{source}: reward_model of row {bad[0]} has no ground_truth")
+        raise DataError(f"{source}: reward_model of row {bad[0]} has no ground_truth (or an empty one)")
     frame = frame.reset_index(drop=True)
     if "id" not in frame.columns:
         frame["id"] = [str(i) for i in range(len(frame))]
     frame["id"] = frame["id"].astype(str)
     if frame["id"].duplicated().any():
-        raise ValueError(f"{source}: duplicate values in column id")
+        raise DataError(f"{source}: duplicate values in column id")
     if "ability" not in frame.columns:
         frame["ability"] = "math"
     if "extra_info" not in frame.columns:
@@ -203,20 +216,20 @@ def load_benchmark(name_or_path: str, data_dir: str | Path = DATA_DIR) -> pd.Dat
     if is_path(name_or_path):
         path = Path(name_or_path)
         if not path.is_file():
-            raise FileNotFoundError(f"benchmark file {path} does not exist")
-        return validate(pd.read_parquet(path), str(path))
+            raise InputFileError(f"benchmark file {path} does not exist")
+        return validate(read_parquet(path), str(path))
     spec = get_spec(name_or_path)
     local = Path(data_dir) / f"{output_name(spec)}.parquet"
     if local.is_file():
-        return validate(pd.read_parquet(local), str(local))
+        return validate(read_parquet(local), str(local))
     shipped = shipped_file(output_name(spec))
     if shipped is not None:
-        return validate(pd.read_parquet(shipped), str(shipped))
+        return validate(read_parquet(shipped), str(shipped))
     try:
         raw = download(spec)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(
+        raise InputFileError(
             f"{spec.name}: no {local}, and {spec.hf_id} could not be downloaded ({reason}); offline, run "
             f"`ctpo data prepare --from-file {spec.name}=FILE` or pass --benchmarks path/to/{spec.name}.parquet"
         ) from error
@@ -225,12 +238,18 @@ def load_benchmark(name_or_path: str, data_dir: str | Path = DATA_DIR) -> pd.Dat
     return validate(frame, spec.hf_id)
 
 
+def read_parquet(path: str | Path) -> pd.DataFrame:
+    """A parquet file; DataError naming it when it is not one (truncated, corrupt, another format)."""
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path} is not a readable parquet file ({str(error).splitlines()[0]})") from None
+
+
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     """Write atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def ground_truth(row: pd.Series) -> str:

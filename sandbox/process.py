@@ -8,9 +8,12 @@ signalling the group reaches its whole tree and nothing else. Nothing is ever ki
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
+from collections.abc import Callable
 
 TERMINATE_GRACE_S = 15.0
 """How long a process group gets after SIGTERM before SIGKILL."""
@@ -40,3 +43,25 @@ def stop_process_group(
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal a process gets when its parent dies."""
+
+
+def dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen``: Linux sends the child SIGTERM when this process dies,
+    even by SIGKILL (which runs no cleanup of ours), so a service a command started never outlives it.
+    None off Linux. (The death signal follows the thread that starts the child: start it from the
+    main thread.)"""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def arrange() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the call above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange

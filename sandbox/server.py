@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sandbox.client import SandboxClient, SandboxUnavailable
 from sandbox.config import SandboxConfig
 from sandbox.executor import Program, RunResult, SandboxRunner, check_isolation
-from sandbox.process import stop_process_group
+from sandbox.process import dies_with_parent, stop_process_group
 
 CONFIG_ENV = "CTPO_SANDBOX_CONFIG"
 """Carries the service's settings (JSON) from ``serve`` to uvicorn's worker processes."""
@@ -372,6 +372,7 @@ def running_service(
             stdout=log,
             stderr=log,
             start_new_session=True,
+            preexec_fn=dies_with_parent(),  # gone with this command, even after a SIGKILL
         )
     url_host = f"[{host}]" if ":" in host else ("127.0.0.1" if host == "0.0.0.0" else host)
     service = Service(f"http://{url_host}:{port}", process, log_path)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ctpo_cli.algo import defaults
+from ctpo_cli.errors import InputFileError
 
 # torch is imported where tensors are handled, so that readers (analysis/) skip its ~2 s import
 if TYPE_CHECKING:
@@ -252,7 +253,7 @@ def read_positions(run_dir: str | Path) -> pd.DataFrame:
     """All per-position files of a run, summed over ranks: one row per (step, offpolicy, position)."""
     files = sorted((Path(run_dir) / POSITIONS_DIR).glob(f"{STEP_PREFIX}*.parquet"))
     if not files:
-        raise FileNotFoundError(f"no per-position diagnostics under {Path(run_dir) / POSITIONS_DIR}")
+        raise InputFileError(f"no per-position diagnostics under {Path(run_dir) / POSITIONS_DIR}")
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     return frame.groupby(["step", "offpolicy", "position"], as_index=False)[list(STAT_COLUMNS)].sum()
 

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 import torch
 
 from ctpo_cli.algo import defaults, diagnostics
+from ctpo_cli.errors import ConfigError
 
 LOG_RATIO_CLAMP = 20.0
 """|d_t| is clamped to this before use (as verl's vanilla loss)."""
@@ -263,19 +264,19 @@ def method_hparams(name: str, config: Any = None) -> dict[str, float]:
 def _validate_hparams(name: str, hp: Mapping[str, float], explicit_power: Any) -> None:
     for key, value in hp.items():
         if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: {key} must be a finite number >= 0, got {value}")
+            raise ConfigError(f"{name}: {key} must be a finite number >= 0, got {value}")
     if "clip_ratio_low" in hp and hp["clip_ratio_low"] >= 1:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: clip_ratio_low must be in [0, 1) (window 1 - eps_low > 0), got {hp['clip_ratio_low']}"
         )
     if "clip_ratio_c" in hp and hp["clip_ratio_c"] <= 1:
-        raise ValueError(f"{name}: clip_ratio_c (dual clip) must be > 1, got {hp['clip_ratio_c']}")
+        raise ConfigError(f"{name}: clip_ratio_c (dual clip) must be > 1, got {hp['clip_ratio_c']}")
     if "ctpo_clip_c" in hp and hp["ctpo_clip_c"] <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: ctpo_clip_c must be > 0 (dual clip exp(c t^p) > 1), got {hp['ctpo_clip_c']}"
         )
     if name == "ctpo-fixed" and explicit_power is not None and float(explicit_power) != 0.0:
-        raise ValueError(
+        raise ConfigError(
             f"ctpo-fixed has ctpo_power = 0 by definition, got {explicit_power}; use method 'ctpo'"
         )
 
@@ -283,7 +284,7 @@ def _validate_hparams(name: str, hp: Mapping[str, float], explicit_power: Any) -
 def get_method(name: str) -> Method:
     """The registered method called ``name``; ValueError naming the valid choices otherwise."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -340,7 +341,7 @@ def agg_loss(
         if loss_agg_mode == "seq-mean-token-sum-norm":
             loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
         return loss
-    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(AGG_MODES)}")
+    raise ConfigError(f"unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(AGG_MODES)}")
 
 
 def _require_single_rank(dp_size: int, key: str) -> None:
@@ -369,7 +370,7 @@ def _check_inputs(
 ) -> None:
     """Shapes, dtypes and (on CPU, where it costs no device sync) finiteness of the inputs."""
     if loss_agg_mode not in AGG_MODES:
-        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(AGG_MODES)}")
+        raise ConfigError(f"unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(AGG_MODES)}")
     named = {"old_log_prob": old_log_prob, "log_prob": log_prob, "advantages": advantages}
     if rollout_is_weights is not None:
         named["rollout_is_weights"] = rollout_is_weights

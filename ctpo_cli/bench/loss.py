@@ -14,6 +14,7 @@ from rich.progress import Progress
 
 from ctpo_cli.algo.losses import METHODS, get_policy_loss
 from ctpo_cli.bench.timing import Call, Contestant, interleave, ratio_table
+from ctpo_cli.errors import BackendUnavailable
 
 
 def synthetic_batch(batch: int, length: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -78,7 +79,7 @@ def bench_losses(
         from verl.trainer.ppo.core_algos import get_policy_loss_fn
         from verl.workers.config import ActorConfig, PolicyLossConfig
     except ImportError as error:
-        raise ValueError(
+        raise BackendUnavailable(
             f"the baseline needs verl ({error}); install it with: pip install 'ctpo[verl]'"
         ) from error
     inputs = synthetic_batch(batch, length, device)

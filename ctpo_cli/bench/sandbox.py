@@ -23,6 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ctpo_cli.bench.timing import Call, Contestant, interleave, ratio_table
+from ctpo_cli.errors import BackendUnavailable, ConfigError
 from sandbox.client import SandboxClient, SandboxUnavailable
 from sandbox.server import running_service
 
@@ -130,7 +131,7 @@ def bench_sandbox(
 ) -> list[dict[str, Any]]:
     """Print (and optionally save as CSV) both runners at each concurrency, with the sandbox/bare ratios."""
     if requests < 1 or rounds < 1 or not concurrencies or min(concurrencies) < 1:
-        raise ValueError("need --requests >= 1, --rounds >= 1 and concurrency levels >= 1")
+        raise ConfigError("need --requests >= 1, --rounds >= 1 and concurrency levels >= 1")
     console.print(
         f"[bold]sandbox benchmark[/]: batches of {requests} runs of {PROGRAM!r}, {rounds} interleaved rounds "
         "per concurrency; the service runs with its default settings"
@@ -141,7 +142,7 @@ def bench_sandbox(
             for concurrency in concurrencies:
                 rows += compare(service.url, concurrency, requests, rounds, warmup=1, console=console)
     except SandboxUnavailable as error:
-        raise ValueError(str(error)) from error
+        raise BackendUnavailable(str(error)) from error
     table = Table(title="trivial program, sandbox service vs bare `python -c` (x: throughput over bare's)")
     for column in ("clients", "runner", "exec/s", "p50 ms", "p99 ms", "exec/s x", "per-round x"):
         table.add_column(column, justify="left" if column == "runner" else "right", no_wrap=True)

@@ -8,6 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from ctpo_cli.errors import BackendUnavailable, ConfigError, InputFileError
 from ctpo_cli.eval.settings import BACKENDS, EvalSettings
 from ctpo_cli.tir.protocol import (
     STOP_STRINGS,
@@ -63,7 +66,7 @@ class ChatTokenizer:
         try:
             return cls(AutoTokenizer.from_pretrained(path))
         except OSError as error:
-            raise FileNotFoundError(
+            raise InputFileError(
                 f"cannot load a tokenizer from {path}: {str(error).splitlines()[0]}"
             ) from error
 
@@ -201,6 +204,20 @@ class VLLMBackend:
         del self.llm
 
 
+RETRY_ATTEMPTS = 6
+"""Tries of one request to an OpenAI-compatible server (waits of about 1, 2, 4, 8, 16 s between them)."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """An error that a later try may not meet: the connection failed, was reset or timed out, or the
+    server answered 429 (too many requests) or 5xx."""
+    import httpx
+
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code == 429 or error.response.status_code >= 500
+    return isinstance(error, httpx.TransportError)
+
+
 class OpenAIBackend:
     """Any OpenAI-compatible server (e.g. ``vllm serve CHECKPOINT``) through ``/v1/completions``.
 
@@ -222,7 +239,7 @@ class OpenAIBackend:
         try:
             models = self.http.get("/v1/models").raise_for_status().json()["data"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
-            raise ValueError(
+            raise BackendUnavailable(
                 f"no OpenAI-compatible server at {base_url} ({error!r}); start one with `vllm serve {model}`"
             ) from error
         self.served = str(models[0]["id"])
@@ -245,13 +262,25 @@ class OpenAIBackend:
             "seed": request.seed,
             "n": 1,
         }
-        body = self.http.post("/v1/completions", json=payload).raise_for_status().json()
+        body = self._post(payload)
         choice = body["choices"][0]
         text, _ = cut_at_stop(choice["text"], self.sampling.stop)
         tokens = body.get("usage", {}).get("completion_tokens") or self.count_tokens(text)
         return GenerationResult(
             text, int(tokens), "length" if choice.get("finish_reason") == "length" else "stop"
         )
+
+    @retry(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential_jitter(initial=1.0, max=30.0),
+        stop=stop_after_attempt(RETRY_ATTEMPTS),
+        reraise=True,
+    )
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST /v1/completions; a transient failure (:func:`is_transient`) is retried with exponential
+        backoff and jitter, up to RETRY_ATTEMPTS tries; then (or on any other error) it raises."""
+        reply: dict[str, Any] = self.http.post("/v1/completions", json=payload).raise_for_status().json()
+        return reply
 
     def _safe(self, request: GenerationRequest) -> GenerationResult | Exception:
         try:
@@ -270,14 +299,14 @@ class OpenAIBackend:
 def resolve_backend(settings: EvalSettings) -> str:
     """``auto``: openai with ``--base-url``, vLLM when it is installed and a GPU is visible, else hf."""
     if settings.backend not in BACKENDS:
-        raise ValueError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}")
     if settings.backend == "openai" and not settings.base_url:
-        raise ValueError("--backend openai needs --base-url (e.g. http://localhost:8000 of `vllm serve`)")
+        raise ConfigError("--backend openai needs --base-url (e.g. http://localhost:8000 of `vllm serve`)")
     if settings.backend == "vllm":
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise ValueError(
+            raise BackendUnavailable(
                 "the vllm backend needs vLLM (pip install 'ctpo[gpu]'); use --backend hf on CPU"
             ) from None
     if settings.backend != "auto":

@@ -14,13 +14,17 @@ The interval treats the problems as the sampling unit (a benchmark as a sample f
 similar problems); with 30 problems it is wide (often +/- 8 points), and it ignores the (smaller)
 sampling noise within each problem. Also: mean assistant turns and tool calls per sample, tool error
 rate (failed executions / executions), mean response tokens (assistant + tool output) and the number of
-crashed samples. The ``average`` row is the unweighted mean over benchmarks, with
+crashed samples. A sample that failed (its server or sandbox still erred after retries) is no answer:
+it is left out of every formula above (n_i counts the samples that finished; a problem none of whose
+samples finished is left out), counted in ``n_errors`` and named in ``failed_samples``, and rerunning
+the same command generates it again. The ``average`` row is the unweighted mean over benchmarks, with
 stderr = sqrt(sum_b stderr_b^2) / B (independent benchmarks).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ctpo_cli.eval.settings import PER_PROBLEM_FILE, SUMMARY_FILE, SUMMARY_MD, EvalSettings
-from ctpo_cli.runs import tracking
+from ctpo_cli.runs import atomic, tracking
+from ctpo_cli.runs.atomic import atomic_path
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -47,7 +52,7 @@ def ks_for(n: int) -> list[int]:
 
 
 def problem_table(benchmark: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One row per problem: samples, correct, pass rate, crashed samples, means of the sample stats."""
+    """One row per problem of the finished samples: samples, correct, pass rate, means of the sample stats."""
     frame = pd.DataFrame(
         [
             {
@@ -61,7 +66,6 @@ def problem_table(benchmark: str, records: Sequence[dict[str, Any]]) -> pd.DataF
                     "response_tokens",
                 )
             }
-            | {"crashed": r["error"] is not None}
             for r in records
         ]
     )
@@ -73,7 +77,6 @@ def problem_table(benchmark: str, records: Sequence[dict[str, Any]]) -> pd.DataF
             "ground_truth": grouped["ground_truth"].first().to_numpy(),
             "n_samples": grouped.size().to_numpy(),
             "n_correct": grouped["correct"].sum().to_numpy().astype(int),
-            "n_errors": grouped["crashed"].sum().to_numpy().astype(int),
             "mean_turns": grouped["num_turns"].mean().to_numpy(),
             "mean_tool_calls": grouped["tool_calls"].mean().to_numpy(),
             "mean_response_tokens": grouped["response_tokens"].mean().to_numpy(),
@@ -115,7 +118,6 @@ def benchmark_summary(
         "mean_tool_calls": calls / len(records),
         "tool_error_rate": sum(r["tool_errors"] for r in records) / calls if calls else math.nan,
         "mean_response_tokens": sum(r["response_tokens"] for r in records) / len(records),
-        "n_errors": sum(r["error"] is not None for r in records),
     }
     return row
 
@@ -132,6 +134,8 @@ def average_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     frame = pd.DataFrame(rows)
     row: dict[str, Any] = {"benchmark": "average"}
     for column in frame.columns.drop("benchmark"):
+        if column == "failed_samples":
+            continue
         summed = column in ("n_problems", "n_samples", "n_errors")
         row[column] = frame[column].sum() if summed else frame[column].mean(skipna=False)
     row["k"] = int(frame["k"].min())
@@ -144,8 +148,19 @@ def summarize(records_by_benchmark: dict[str, list[dict[str, Any]]]) -> tuple[pd
     """(summary: one row per benchmark plus ``average``, per-problem table)."""
     rows, tables = [], []
     for benchmark, records in records_by_benchmark.items():
-        problems = problem_table(benchmark, records)
-        rows.append(benchmark_summary(benchmark, records, problems))
+        finished = [r for r in records if r["error"] is None]
+        failed = [r for r in records if r["error"] is not None]
+        names = {
+            "n_errors": len(failed),
+            "failed_samples": " ".join(f"{r['problem_id']}#{r['sample']}" for r in failed),
+        }
+        if not finished:  # nothing to average: the row only counts and names the failures
+            rows.append({"benchmark": benchmark, "n_problems": 0, "n_samples": 0, "k": 0} | names)
+            continue
+        problems = problem_table(benchmark, finished)
+        per_problem = Counter(r["problem_id"] for r in failed)
+        problems["n_errors"] = [per_problem[pid] for pid in problems["problem_id"]]
+        rows.append(benchmark_summary(benchmark, finished, problems) | names)
         tables.append(problems)
     if len(rows) > 1:
         rows.append(average_row(rows))
@@ -155,7 +170,9 @@ def summarize(records_by_benchmark: dict[str, list[dict[str, Any]]]) -> tuple[pd
     )
     head = ["benchmark", "n_problems", "n_samples", "k", "avg_at_k", "stderr", "ci95_low", "ci95_high"]
     tail = ["mean_turns", "mean_tool_calls", "tool_error_rate", "mean_response_tokens", "n_errors"]
-    return summary[head + pass_columns + tail], pd.concat(tables, ignore_index=True)
+    tail += ["failed_samples"]
+    problems = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return summary.reindex(columns=head + pass_columns + tail), problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,8 +220,9 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 
 def write_outputs(out: Path, summary: pd.DataFrame, problems: pd.DataFrame, title: str) -> list[Path]:
-    summary.to_csv(out / SUMMARY_FILE, index=False)
-    problems.to_csv(out / PER_PROBLEM_FILE, index=False)
+    for frame, name in ((summary, SUMMARY_FILE), (problems, PER_PROBLEM_FILE)):
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False)
     header, cells = display_rows(summary)
     lines = [
         f"# {title}",
@@ -215,7 +233,11 @@ def write_outputs(out: Path, summary: pd.DataFrame, problems: pd.DataFrame, titl
         "|" + "---|" * len(header),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    (out / SUMMARY_MD).write_text("\n".join(lines) + "\n")
+    failed = summary.dropna(subset=["failed_samples"]).query("failed_samples != ''")
+    if len(failed):
+        lines += ["", "Failed samples (excluded from avg@k; run the same command again to retry them):", ""]
+        lines += [f"- {row.benchmark}: {row.failed_samples}" for row in failed.itertuples()]
+    atomic.write_text(out / SUMMARY_MD, "\n".join(lines) + "\n")
     return [out / SUMMARY_FILE, out / SUMMARY_MD, out / PER_PROBLEM_FILE]
 
 
@@ -254,7 +276,8 @@ def log_summary(run_id: str, summary: pd.DataFrame, files: Sequence[Path]) -> No
     metrics = {}
     for _, row in summary.iterrows():
         for column, value in row.items():
-            if column in ("benchmark", "n_problems", "n_samples", "k") or not math.isfinite(float(value)):
+            skipped = ("benchmark", "n_problems", "n_samples", "k", "failed_samples")
+            if column in skipped or not math.isfinite(float(value)):
                 continue
             metrics[f"{row['benchmark']}/{column}"] = float(value)
     tracking.log_metrics(run_id, metrics)

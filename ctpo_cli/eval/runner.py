@@ -38,10 +38,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from ctpo_cli.errors import ConfigError, InputFileError
 from ctpo_cli.eval.backends import Backend, GenerationRequest, make_backend, resolve_backend
 from ctpo_cli.eval.metrics import log_summary, mlflow_params, print_summary, summarize, write_outputs
 from ctpo_cli.eval.settings import CONFIG_FILE, GENERATIONS_DIR, RESUME_KEYS, EvalSettings
 from ctpo_cli.eval.store import GenerationStore
+from ctpo_cli.runs import atomic
 from ctpo_cli.runs.rundir import CHECKPOINT_DIR, RUN_FILE, latest_checkpoint
 from ctpo_cli.tir.protocol import (
     NO_TOOLS_SYSTEM_PROMPT,
@@ -174,7 +176,7 @@ def resolve_model(model: str | None, out: Path | None, rescore: bool, console: C
         return str(json.loads((out / CONFIG_FILE).read_text())["model"])
     checkpoint = latest_checkpoint()
     if checkpoint is None:
-        raise ValueError(
+        raise InputFileError(
             "no --model given and no trained checkpoint under runs/: pass --model PATH (a Hugging Face model directory)"
         )
     console.print(f"[bold]model:[/] the latest checkpoint, {checkpoint}")
@@ -202,12 +204,12 @@ def check_resume(out: Path, settings: EvalSettings) -> None:
             f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in RESUME_KEYS if saved.get(k) != current[k]
         ]
         if diff:
-            raise ValueError(
+            raise ConfigError(
                 f"{out} holds generations made with {', '.join(diff)}: use the same settings to resume, or another --out"
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(current, indent=2) + "\n")
+        atomic.write_text(path, json.dumps(current, indent=2) + "\n")
 
 
 @contextmanager
@@ -296,13 +298,13 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
 
     console = console or Console()
     if settings.n < 1:
-        raise ValueError(f"--n must be >= 1 (got {settings.n})")
+        raise ConfigError(f"--n must be >= 1 (got {settings.n})")
     if not settings.benchmarks:
-        raise ValueError("--benchmarks is empty")
+        raise ConfigError("--benchmarks is empty")
     out = settings.out or default_out(settings.model)
     names = {b: Path(b).stem if is_path(b) else b for b in settings.benchmarks}
     if len(set(names.values())) < len(settings.benchmarks):
-        raise ValueError(f"--benchmarks names a benchmark twice: {', '.join(settings.benchmarks)}")
+        raise ConfigError(f"--benchmarks names a benchmark twice: {', '.join(settings.benchmarks)}")
     stores = {
         names[b]: GenerationStore(out / GENERATIONS_DIR / f"{names[b]}.jsonl") for b in settings.benchmarks
     }
@@ -328,12 +330,25 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
             records = {
                 name: saved_records(stores[name].load(), frame, settings.n) for name, frame in frames.items()
             }
+            records |= earlier_benchmarks(out, records, settings.n)
         summary, problems = summarize(records)
         files = write_outputs(out, summary, problems, title)
         print_summary(console, summary, title)
         console.print(f"results in {out}/ ({', '.join(p.name for p in files)})")
         log_summary(run_id, summary, files)
     return summary
+
+
+def earlier_benchmarks(
+    out: Path, evaluated: dict[str, list[dict[str, Any]]], n: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Samples 0..n-1 of the other benchmarks evaluated in ``out`` before (same settings: ``check_resume``),
+    so that the summary there covers every benchmark, not just this command's."""
+    stores = sorted((out / GENERATIONS_DIR).glob("*.jsonl"))
+    saved = {path.stem: GenerationStore(path).load() for path in stores if path.stem not in evaluated}
+    return {
+        name: [r for r in records.values() if r["sample"] < n] for name, records in saved.items() if records
+    }
 
 
 def saved_records(
@@ -360,5 +375,5 @@ def rescore(stores: dict[str, GenerationStore], n: int) -> dict[str, list[dict[s
         records[name] = [r for r in saved if r["sample"] < n]
     if not records:
         folder = next(iter(stores.values())).path.parent
-        raise FileNotFoundError(f"--rescore: no saved generations for {', '.join(stores)} in {folder}")
+        raise InputFileError(f"--rescore: no saved generations for {', '.join(stores)} in {folder}")
     return records

@@ -8,12 +8,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ctpo_cli.errors import warn_damaged
+from ctpo_cli.runs import atomic
+
 
 class GenerationStore:
     """``<benchmark>.jsonl``: one JSON record per finished sample, appended as it finishes.
 
     The last record of a (problem_id, sample) key wins. A line cut short by a crash is dropped (and
-    cut from the file before the next append).
+    cut from the file before the next append); a damaged line elsewhere is skipped with a warning, so
+    its sample is generated again.
     """
 
     def __init__(self, path: Path) -> None:
@@ -27,8 +31,15 @@ class GenerationStore:
         if len(complete) < len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(len(complete))
-        records = (json.loads(line) for line in complete.decode().splitlines() if line.strip())
-        return {(r["problem_id"], r["sample"]): r for r in records}
+        records = {}
+        for number, line in enumerate(complete.decode(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+                if record is not None:
+                    records[(record["problem_id"], record["sample"])] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                warn_damaged(f"{self.path}:{number}", "not a saved sample (it will be generated again)")
+        return records
 
     def append(self, records: Sequence[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +50,4 @@ class GenerationStore:
             os.fsync(f.fileno())
 
     def rewrite(self, records: Sequence[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        tmp.replace(self.path)
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ctpo_cli.algo.losses import METHODS
+from ctpo_cli.errors import ConfigError
 
 EXPERIMENT = "ctpo-sweep"
 """The MLflow experiment of sweeps: a parent run per sweep, a child run per cell."""
@@ -72,9 +73,9 @@ def parse_methods(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     for name in names:
         if name not in METHODS:
-            raise ValueError(f"--methods: unknown method {name!r}; valid: all, {', '.join(METHODS)}")
+            raise ConfigError(f"--methods: unknown method {name!r}; valid: all, {', '.join(METHODS)}")
     if not names:
-        raise ValueError(f"--methods is empty; valid: all, {', '.join(METHODS)}")
+        raise ConfigError(f"--methods is empty; valid: all, {', '.join(METHODS)}")
     return list(dict.fromkeys(names))
 
 
@@ -84,7 +85,7 @@ def parse_seeds(text: str) -> list[int]:
     for part in (p.strip() for p in text.split(",")):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not match or (match[2] is not None and int(match[2]) < int(match[1])):
-            raise ValueError(f"--seeds takes ranges and lists such as 0-4 or 0,3,7; got {text!r}")
+            raise ConfigError(f"--seeds takes ranges and lists such as 0-4 or 0,3,7; got {text!r}")
         low = int(match[1])
         seeds.extend(range(low, int(match[2] or low) + 1))
     return list(dict.fromkeys(seeds))
@@ -100,7 +101,7 @@ def parse_grid(grid: Sequence[str]) -> list[tuple[str, ...]]:
         key, sep, values = item.partition("=")
         choices = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key or not choices:
-            raise ValueError(f"--grid {item!r} is not key=value[,value...] (e.g. rl.lr=1e-3,3e-3)")
+            raise ConfigError(f"--grid {item!r} is not key=value[,value...] (e.g. rl.lr=1e-3,3e-3)")
         sets = [(*base, f"{key}={value}") for base in sets for value in choices]
     return sets
 
@@ -155,7 +156,7 @@ class SweepDir:
             record: dict[str, Any] = json.loads(path.read_text())
             if record["spec"] != wanted:
                 changed = [k for k in wanted if record["spec"].get(k) != wanted[k]]
-                raise ValueError(
+                raise ConfigError(
                     f"{path} holds another sweep (differs in: {', '.join(changed)}); "
                     "rerun it with the same options or choose another --out"
                 )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ctpo_cli.errors import ConfigError, InputFileError
 from ctpo_cli.runs import rundir, tracking
 from ctpo_cli.sweep.grid import MAX_ATTEMPTS, Cell, SweepDir, SweepSpec, open_child
 
@@ -45,7 +46,7 @@ def hf_checkpoint(run_dir: Path) -> Path:
 
     step = verl_checkpoint_step(run_dir)
     if not step:
-        raise FileNotFoundError(f"{run_dir} has no verl checkpoint")
+        raise InputFileError(f"{run_dir} has no verl checkpoint")
     return run_dir / VERL_CHECKPOINT_DIR / f"global_step_{step}" / "actor" / "huggingface"
 
 
@@ -74,7 +75,7 @@ def run_jobs(spec: SweepSpec, sweep: SweepDir, parent: str, address: str, consol
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     if not address:
-        raise ValueError(
+        raise ConfigError(
             "--backend verl submits Ray jobs: give the cluster's --address (e.g. http://head:8265)"
         )
     client = JobSubmissionClient(address)

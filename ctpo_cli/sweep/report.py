@@ -20,6 +20,7 @@ from analysis import aggregate
 from analysis.commands import print_frame
 from analysis.figures import comparison_figure, save
 from analysis.report import markdown, overall_row, read_eval
+from ctpo_cli.errors import DataError
 from ctpo_cli.sweep.grid import Cell, SweepDir, SweepSpec, overrides_key
 from ctpo_cli.sweep.local import START, start_eval, start_of
 
@@ -29,7 +30,7 @@ def evaluated(cell: Cell, eval_dir: Path) -> aggregate.Evaluated:
     result = read_eval(eval_dir)
     row = overall_row(result.summary)
     if row is None or result.problems is None:
-        raise FileNotFoundError(f"{eval_dir} has no overall row or no per-problem file")
+        raise DataError(f"{eval_dir} has no overall row or no per-problem file")
     return aggregate.Evaluated(cell.method, cell.seed, float(row["avg_at_k"]), result.problems)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ctpo_cli.errors import ConfigError
 from ctpo_cli.runs import tracking
 from ctpo_cli.sweep import local
 from ctpo_cli.sweep.grid import EXPERIMENT, MAX_ATTEMPTS, Cell, CellState, SweepDir, SweepSpec, open_child
@@ -240,7 +241,7 @@ def check(spec: SweepSpec) -> None:
         for overrides in dict.fromkeys(c.overrides for c in spec.cells):
             build_config(spec.preset, list(overrides))
     if spec.samples < 1:
-        raise ValueError(f"--samples must be at least 1, got {spec.samples}")
+        raise ConfigError(f"--samples must be at least 1, got {spec.samples}")
 
 
 def print_grid(spec: SweepSpec, out: Path, console: Console) -> None:

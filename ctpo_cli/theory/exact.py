@@ -76,6 +76,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from ctpo_cli.errors import ConfigError
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 Blocks = tuple[FloatArray, ...]
@@ -562,7 +564,7 @@ def markov_advantage(problem: MarkovProblem, advantage: Advantage) -> Blocks:
             q_t - (np.exp(lp) * q_t).sum(axis=1, keepdims=True)
             for q_t, lp in zip(q, problem.log_pi, strict=True)
         )
-    raise ValueError("advantage 'outcome' needs exact enumeration; --monte-carlo supports q and a")
+    raise ConfigError("advantage 'outcome' needs exact enumeration; --monte-carlo supports q and a")
 
 
 def ratio_kernels(problem: Problem, power: float) -> Blocks:
@@ -747,13 +749,13 @@ class TextTable:
 def check_problem_size(vocab: int, horizon: int, drift: float, seeds: int) -> None:
     """ValueError (one line) unless V >= 2, T >= 1, drift finite and >= 0, seeds >= 1."""
     if vocab < 2:
-        raise ValueError(f"--vocab must be at least 2, got {vocab}")
+        raise ConfigError(f"--vocab must be at least 2, got {vocab}")
     if horizon < 1:
-        raise ValueError(f"--horizon must be at least 1, got {horizon}")
+        raise ConfigError(f"--horizon must be at least 1, got {horizon}")
     if not (math.isfinite(drift) and drift >= 0):
-        raise ValueError(f"--drift must be a finite number >= 0, got {drift}")
+        raise ConfigError(f"--drift must be a finite number >= 0, got {drift}")
     if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
 
 
 def check_advantage(advantage: str) -> Advantage:
@@ -761,7 +763,7 @@ def check_advantage(advantage: str) -> Advantage:
     for name in ADVANTAGES:
         if advantage == name:
             return name
-    raise ValueError(f"unknown advantage {advantage!r}; valid: {', '.join(ADVANTAGES)}")
+    raise ConfigError(f"unknown advantage {advantage!r}; valid: {', '.join(ADVANTAGES)}")
 
 
 def _spread(values: FloatArray, spec: str) -> str:
@@ -893,7 +895,7 @@ def run_exact_study(
     check_problem_size(vocab, horizon, drift, seeds)
     chosen = check_advantage(advantage)
     if vocab**horizon > MAX_SEQUENCES:
-        raise ValueError(
+        raise ConfigError(
             f"V^T = {vocab}^{horizon} = {vocab**horizon:,} sequences is above the enumeration limit of "
             f"{MAX_SEQUENCES:,}; use --monte-carlo for longer horizons"
         )
@@ -1104,11 +1106,11 @@ def run_monte_carlo_study(
     check_problem_size(vocab, horizon, drift, seeds)
     chosen = check_advantage(advantage)
     if chosen == "outcome":
-        raise ValueError("advantage 'outcome' needs exact enumeration; --monte-carlo supports q and a")
+        raise ConfigError("advantage 'outcome' needs exact enumeration; --monte-carlo supports q and a")
     if samples < 2:
-        raise ValueError(f"--samples must be at least 2, got {samples}")
+        raise ConfigError(f"--samples must be at least 2, got {samples}")
     if samples * horizon > MAX_SAMPLED_TOKENS:
-        raise ValueError(
+        raise ConfigError(
             f"--samples x --horizon = {samples * horizon:,} is above the limit of {MAX_SAMPLED_TOKENS:,}"
         )
     horizons = monte_carlo_horizons(horizon)

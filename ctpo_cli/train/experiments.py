@@ -38,6 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 import dataset
 import experiments
 from ctpo_cli.algo.losses import METHODS, get_method, method_hparams
+from ctpo_cli.errors import BackendUnavailable, ConfigError, InputFileError
 from ctpo_cli.runs import rundir
 from ctpo_cli.train import synthetic
 from ctpo_cli.train.synthetic import SyntheticSection
@@ -56,10 +57,6 @@ DATA_PATH_KEYS = ("data.train_files", "data.val_files")
 VERL_ENTRY = "verl.trainer.main_ppo"
 PLATFORMS = ("cuda", "cpu")
 """``ctpo.platform``: GPUs with vLLM, or this machine's CPU (``ctpo_cli.train.verl.cpu``)."""
-
-
-class BackendUnavailable(ValueError):
-    """verl (or a GPU it needs) is missing here; a ValueError so that ``ctpo`` shows it as one line."""
 
 
 @dataclass
@@ -181,7 +178,7 @@ def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
         if item.startswith(("+", "~")):
             passthrough.append(item)
         elif "=" not in item or item.startswith("="):
-            raise ValueError(f"override {item!r} is not key=value (e.g. data.train_batch_size=64)")
+            raise ConfigError(f"override {item!r} is not key=value (e.g. data.train_batch_size=64)")
         else:
             plain.append(item)
     return plain, passthrough
@@ -191,7 +188,7 @@ def _dotlist(items: list[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(items)
     except (OmegaConfBaseException, yaml.YAMLError) as error:
-        raise ValueError(f"bad override on the command line: {_one_line(error)}") from None
+        raise ConfigError(f"bad override on the command line: {_one_line(error)}") from None
 
 
 def _display(path: Path) -> str:
@@ -205,15 +202,15 @@ def _display(path: Path) -> str:
 def _file_layer(path: Path, experiments_dir: Path) -> Layer:
     """One YAML file as a layer; one-line errors for a missing, malformed or non-mapping file."""
     if not path.is_file():
-        raise FileNotFoundError(f"experiment file {path} not found (experiments are in {experiments_dir})")
+        raise InputFileError(f"experiment file {path} not found (experiments are in {experiments_dir})")
     try:
         config = OmegaConf.load(path)
     except yaml.YAMLError as error:
-        raise ValueError(f"malformed YAML in {path}: {_yaml_problem(error)}") from None
+        raise ConfigError(f"malformed YAML in {path}: {_yaml_problem(error)}") from None
     except OmegaConfBaseException as error:
-        raise ValueError(f"invalid experiment file {path}: {_one_line(error)}") from None
+        raise ConfigError(f"invalid experiment file {path}: {_one_line(error)}") from None
     if not isinstance(config, DictConfig):
-        raise ValueError(f"experiment file {path} must be a mapping of keys, not a list")
+        raise ConfigError(f"experiment file {path} must be a mapping of keys, not a list")
     return Layer(_display(path), config)
 
 
@@ -242,7 +239,7 @@ def _model_layer(model: str, experiments_dir: Path) -> Layer:
     if preset.is_file():
         return _file_layer(preset, experiments_dir)
     if "/" not in model and not Path(model).exists():
-        raise ValueError(
+        raise ConfigError(
             f"unknown model preset {model!r}; presets: {', '.join(model_presets(experiments_dir))} "
             "(or a model directory or Hugging Face id such as Qwen/Qwen3-8B)"
         )
@@ -258,7 +255,7 @@ def _merge(layers: Sequence[Layer]) -> tuple[DictConfig, dict[str, str]]:
         try:
             result = OmegaConf.merge(merged, layer.config)
         except OmegaConfBaseException as error:
-            raise ValueError(_ctpo_key_error(error, layer.source)) from None
+            raise ConfigError(_ctpo_key_error(error, layer.source)) from None
         assert isinstance(result, DictConfig)
         merged = result
         for key in _leaf_keys(OmegaConf.to_container(layer.config, resolve=False)):
@@ -288,7 +285,7 @@ def _name_run(merged: DictConfig, runs_dir: Path, experiments_dir: Path, name: s
     try:
         name = name or rundir.run_name(merged.ctpo.method, merged.ctpo.model, merged.ctpo.seed)
     except OmegaConfBaseException as error:
-        raise ValueError(f"incomplete experiment: {_one_line(error)}") from None
+        raise ConfigError(f"incomplete experiment: {_one_line(error)}") from None
     merged.ctpo.run_name = name
     merged.ctpo.run_dir = str((runs_dir / name).resolve())
     merged.ctpo.experiments_dir = str(experiments_dir.resolve())
@@ -309,15 +306,15 @@ def _resolve(merged: DictConfig) -> tuple[CtpoSection, dict[str, Any]]:
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         if "Missing mandatory value" in str(error):
-            raise ValueError(
+            raise ConfigError(
                 f"experiment leaves {key!r} unset (???): set it in a file or as {key}=..."
             ) from None
-        raise ValueError(f"cannot resolve {key!r}: {_one_line(error)}") from None
+        raise ConfigError(f"cannot resolve {key!r}: {_one_line(error)}") from None
     assert isinstance(tree, dict)
     ctpo = OmegaConf.to_object(merged.ctpo)
     assert isinstance(ctpo, CtpoSection)
     if ctpo.platform not in PLATFORMS:
-        raise ValueError(f"ctpo.platform must be one of {', '.join(PLATFORMS)}, got {ctpo.platform!r}")
+        raise ConfigError(f"ctpo.platform must be one of {', '.join(PLATFORMS)}, got {ctpo.platform!r}")
     verl = {str(k): v for k, v in tree.items() if k != "ctpo"}
     _absolute_data_paths(verl)
     return ctpo, verl
@@ -338,11 +335,11 @@ def _absolute_data_paths(verl: dict[str, Any]) -> None:
 def _check_method(ctpo: CtpoSection, method: str, verl: dict[str, Any], sources: Mapping[str, str]) -> None:
     """The experiment's method, loss mode and ``ctpo.loss`` fields must agree with ``--method``."""
     if ctpo.method != method:
-        raise ValueError(f"ctpo.method is {ctpo.method!r} but --method is {method!r}")
+        raise ConfigError(f"ctpo.method is {ctpo.method!r} but --method is {method!r}")
     loss_mode = _get(verl, LOSS_PREFIX + "loss_mode")
     if loss_mode != LOSS_MODE_PREFIX + method:
         where = sources.get(LOSS_PREFIX + "loss_mode", "verl's defaults")
-        raise ValueError(
+        raise ConfigError(
             f"{LOSS_PREFIX}loss_mode is {loss_mode!r} (from {where}) but the method is {method!r}: "
             f"expected {LOSS_MODE_PREFIX}{method}"
         )
@@ -350,7 +347,7 @@ def _check_method(ctpo: CtpoSection, method: str, verl: dict[str, Any], sources:
     unknown = sorted(set(ctpo.loss) - set(fields))
     if unknown:
         valid = ", ".join(fields) if fields else "none (its clip is actor_rollout_ref.actor.clip_ratio_*)"
-        raise ValueError(f"ctpo.loss.{unknown[0]} is not a field of method {method!r}; its fields: {valid}")
+        raise ConfigError(f"ctpo.loss.{unknown[0]} is not a field of method {method!r}; its fields: {valid}")
 
 
 _ABSENT = object()
@@ -402,7 +399,7 @@ def minibatches_per_step(verl: Mapping[str, Any]) -> int:
     mini = int(_setting(verl, "actor_rollout_ref.actor.ppo_mini_batch_size"))
     epochs = int(_setting(verl, "actor_rollout_ref.actor.ppo_epochs"))
     if mini <= 0 or batch % mini:
-        raise ValueError(
+        raise ConfigError(
             f"data.train_batch_size ({batch}) must be a multiple of "
             f"actor_rollout_ref.actor.ppo_mini_batch_size ({mini})"
         )
@@ -514,10 +511,10 @@ def _compose_checked(overrides: Sequence[str], sources: Mapping[str, str]) -> Di
         if match:
             key = (match.group(1) or match.group(2)).lstrip("+~")
             where = sources.get(key, "command line")
-            raise ValueError(
+            raise ConfigError(
                 f"unknown verl key {key!r} (from {where}); verl's keys are in {verl_config_dir() / 'ppo_trainer.yaml'}"
             ) from None
-        raise ValueError(f"verl rejected the overrides: {_one_line(error)}") from None
+        raise ConfigError(f"verl rejected the overrides: {_one_line(error)}") from None
 
 
 def validate_verl_config(config: DictConfig) -> None:
@@ -536,10 +533,10 @@ def validate_verl_config(config: DictConfig) -> None:
             )
             omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
         except (AssertionError, ValueError, TypeError, OmegaConfBaseException) as error:
-            raise ValueError(f"verl rejected the config: {_one_line(error)}") from None
+            raise ConfigError(f"verl rejected the config: {_one_line(error)}") from None
     loss_mode = config.actor_rollout_ref.actor.policy_loss.loss_mode
     if loss_mode not in POLICY_LOSS_REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"verl has no policy loss {loss_mode!r}; registered: {', '.join(POLICY_LOSS_REGISTRY)}"
         )
     _check_multi_turn(config)
@@ -556,7 +553,7 @@ def _check_multi_turn(config: DictConfig) -> None:
     if not rollout.multi_turn.enable:
         return
     if rollout.multi_turn.format not in ToolParser._registry:
-        raise ValueError(
+        raise ConfigError(
             f"unknown tool parser {rollout.multi_turn.format!r} (multi_turn.format); "
             f"registered: {', '.join(ToolParser._registry)}"
         )
@@ -564,7 +561,7 @@ def _check_multi_turn(config: DictConfig) -> None:
     if rollout.agent.agent_loop_config_path:
         loops |= {str(entry.name) for entry in _load_yaml_list(rollout.agent.agent_loop_config_path)}
     if rollout.agent.default_agent_loop not in loops:
-        raise ValueError(
+        raise ConfigError(
             f"unknown agent loop {rollout.agent.default_agent_loop!r}; known: {', '.join(sorted(loops))}"
         )
     if rollout.multi_turn.tool_config_path:
@@ -580,7 +577,7 @@ def _load_yaml_list(path: str) -> list[Any]:
 
 def _existing(path: str) -> Path:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise InputFileError(f"{path} not found")
     return Path(path)
 
 
@@ -591,7 +588,7 @@ def _import_class(qualified: str) -> type:
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import tool class {qualified!r}: {_one_line(error)}") from None
+        raise ConfigError(f"cannot import tool class {qualified!r}: {_one_line(error)}") from None
     assert isinstance(cls, type)
     return cls
 

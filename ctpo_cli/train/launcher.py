@@ -38,11 +38,11 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from ctpo_cli.algo.diagnostics import discard_positions_after
+from ctpo_cli.errors import BackendUnavailable, ConfigError, InputFileError
 from ctpo_cli.runs import rundir, tracking
 from ctpo_cli.train import synthetic
 from ctpo_cli.train.experiments import (
     DATA_PATH_KEYS,
-    BackendUnavailable,
     Experiment,
     VerlJob,
     build_job,
@@ -117,7 +117,7 @@ def train_verl(
     synthetic.prepare(experiment.ctpo.synthetic, experiment.ctpo.seed, Path(runs_dir), Console())
     missing = missing_data_files(experiment)
     if missing:
-        raise FileNotFoundError(
+        raise InputFileError(
             f"{missing[0]} not found: run `ctpo data prepare` first, or set {' / '.join(DATA_PATH_KEYS)}"
         )
     run_dir = experiment.run_dir
@@ -143,7 +143,7 @@ def resumable_run(runs_dir: Path, method: str) -> Path:
         info = rundir.read_run_info(run)
         if info.get("backend") == "verl" and info.get("method") == method and verl_checkpoint_step(run):
             return run
-    raise FileNotFoundError(
+    raise InputFileError(
         f"no verl run of {method!r} with a checkpoint under {runs_dir}; start one without --resume"
     )
 
@@ -312,7 +312,7 @@ def launch(
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
         except FileExistsError:
-            raise ValueError(
+            raise ConfigError(
                 f"run directory {run_dir} already exists; start the run again for a new name"
             ) from None
     for name, text in (files or {}).items():

@@ -26,6 +26,7 @@ from analysis.curves import CURVES, curve_series, seed_band
 from analysis.runs import Run, load_metrics, load_positions, resolve_runs
 from ctpo_cli.algo import diagnostics
 from ctpo_cli.cli import app
+from ctpo_cli.errors import UserError
 from ctpo_cli.runs import rundir
 
 A_LOW, A_HIGH, POWER = diagnostics.SQRT_WINDOW
@@ -243,16 +244,16 @@ def test_cli_errors_are_one_liners(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runner = CliRunner()
     result = runner.invoke(app, ["plot", "clip-rate"])
-    assert isinstance(result.exception, ValueError)
+    assert isinstance(result.exception, UserError)
     assert "no runs found" in str(result.exception) and "ctpo quickstart" in str(result.exception)
     result = runner.invoke(app, ["plot", "std-growth", "nope"])
-    assert isinstance(result.exception, ValueError) and "neither a run directory" in str(result.exception)
+    assert isinstance(result.exception, UserError) and "neither a run directory" in str(result.exception)
     rundir.write_run_info(tmp_path / "runs" / "bare", {"method": "grpo", "seed": 1})
     result = runner.invoke(app, ["plot", "std-growth", "bare", "--no-mlflow"])
-    assert isinstance(result.exception, FileNotFoundError)
+    assert isinstance(result.exception, UserError)
     assert "no per-position diagnostics" in str(result.exception)
     result = runner.invoke(app, ["plot", "clip-rate", "bare", "--steps", "a,b"])
-    assert isinstance(result.exception, ValueError) and "--steps" in str(result.exception)
+    assert isinstance(result.exception, UserError) and "--steps" in str(result.exception)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ctpo_cli.errors import BackendUnavailable
 from ctpo_cli.tir.protocol import SYSTEM_PROMPT
 from dataset.prepare import prepare
 from dataset.registry import PAPER_BENCHMARKS, REGISTRY, load_benchmark
@@ -143,7 +144,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"ctpo data prepare --from-file deepscaler=FILE") as offline:
         load_benchmark("deepscaler", data_dir=tmp_path / "data")
     with pytest.raises(
-        ValueError, match=r"cannot reach the Hugging Face hub to download aime25,deepscaler"
+        BackendUnavailable, match=r"cannot reach the Hugging Face hub to download aime25,deepscaler"
     ) as hub:
         prepare(["aime25", "deepscaler"], out=tmp_path / "data")
     with pytest.raises(ValueError, match=r"unsupported file type '\.txt'") as suffix:

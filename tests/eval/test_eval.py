@@ -31,6 +31,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from ctpo_cli.errors import BackendUnavailable
 from ctpo_cli.eval import runner
 from ctpo_cli.eval.backends import HFBackend
 from ctpo_cli.eval.metrics import pass_at_k, summarize
@@ -501,7 +502,7 @@ def test_vllm_backend_without_vllm_is_a_clear_error(
     tiny_model: Path, bench_file: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # as on a machine without the GPU extra
-    with pytest.raises(ValueError, match=r"needs vLLM .*use --backend hf on CPU"):
+    with pytest.raises(BackendUnavailable, match=r"needs vLLM .*use --backend hf on CPU"):
         run_eval(
             settings(tiny_model, bench_file, workdir / "out", backend="vllm", tools=False), Console(width=200)
         )

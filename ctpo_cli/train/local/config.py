@@ -4,6 +4,7 @@ as YAML in ``experiments/local/`` (as the verl presets are), and ``key=value`` o
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import experiments
+from ctpo_cli.algo.losses import AGG_MODES, METHODS
+from ctpo_cli.errors import ConfigError
 
 
 @dataclass
@@ -130,6 +133,60 @@ class LocalConfig:
     loss: dict[str, float] = field(default_factory=dict)
 
 
+LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    **{f"model.{f.name}": (1, True) for f in dataclasses.fields(ModelConfig)},
+    "task.min_terms": (1, True),
+    "task.num_eval_problems": (1, True),
+    "warmstart.steps": (0, True),
+    "warmstart.batch_size": (1, True),
+    "warmstart.lr": (0, False),
+    "rl.steps": (1, True),
+    "rl.prompts_per_step": (1, True),
+    "rl.samples_per_prompt": (2, True),
+    "rl.minibatches": (1, True),
+    "rl.lr": (0, False),
+    "rl.temperature": (0, False),
+    "rl.max_new_tokens": (1, True),
+    "rl.grad_clip": (0, False),
+    "rl.val_every": (1, True),
+    "rl.val_samples": (1, True),
+    "rl.checkpoint_every": (1, True),
+}
+"""Each numeric field's lower bound and whether the bound itself is allowed (every value is finite);
+rl.samples_per_prompt >= 2 because the group advantage divides by the group's std."""
+
+
+def check_ranges(config: LocalConfig) -> None:
+    """ConfigError naming the first field outside :data:`LOWER_BOUNDS` or its other constraints."""
+    for key, (bound, closed) in LOWER_BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not (math.isfinite(value) and (value >= bound if closed else value > bound)):
+            raise ConfigError(f"{key} must be a finite number {'>=' if closed else '>'} {bound}, got {value}")
+    for key in ("careless_frac", "tool_frac"):
+        value = getattr(config.warmstart, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"warmstart.{key} must be in [0, 1], got {value}")
+    if config.warmstart.careless_frac + config.warmstart.tool_frac > 1.0:
+        raise ConfigError(
+            "warmstart.careless_frac + warmstart.tool_frac must be at most 1 (shares of one set)"
+        )
+    if config.task.max_terms < config.task.min_terms:
+        raise ConfigError(
+            f"task.max_terms ({config.task.max_terms}) must be >= task.min_terms ({config.task.min_terms})"
+        )
+    known = sorted({"clip_ratio", *(key for method in METHODS.values() for key in method.defaults)})
+    unknown = sorted(set(config.loss) - set(known))
+    if unknown:
+        raise ConfigError(f"loss.{unknown[0]} is no method's hyperparameter; valid: {', '.join(known)}")
+    if config.rl.loss_agg_mode not in AGG_MODES:
+        raise ConfigError(
+            f"rl.loss_agg_mode {config.rl.loss_agg_mode!r} is not one of {', '.join(AGG_MODES)}"
+        )
+    if config.rl.prompts_per_step * config.rl.samples_per_prompt % config.rl.minibatches:
+        raise ConfigError("rl.prompts_per_step * rl.samples_per_prompt must be divisible by rl.minibatches")
+
+
 def presets() -> dict[str, Path]:
     """The local presets: ``experiments/local/<name>.yaml``."""
     found = (experiments.directory() / "local").glob("*.yaml")
@@ -139,40 +196,34 @@ def presets() -> dict[str, Path]:
 def build_config(preset: str = "tiny", overrides: list[str] | None = None) -> LocalConfig:
     """The preset merged with ``key=value`` overrides (e.g. ``rl.steps=50 loss.ctpo_power=0.4``).
 
-    Raises ValueError naming the bad override and the valid keys of its section.
+    Raises ConfigError naming the bad override and the valid keys of its section, or a value out of range
+    (:func:`check_ranges`).
     """
     files = presets()
     if preset not in files:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(files)}")
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(files)}")
     schema = OmegaConf.structured(LocalConfig)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.load(files[preset]))
     except OmegaConfBaseException as error:
-        raise ValueError(f"{files[preset]}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{files[preset]}: {str(error).splitlines()[0]}") from None
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value (e.g. rl.steps=50)")
+            raise ConfigError(f"override {item!r} is not key=value (e.g. rl.steps=50)")
         section = key.split(".")[0]
         if section not in ("model", "task", "warmstart", "rl", "loss"):
-            raise ValueError(f"unknown override key {key!r}; sections: model, task, warmstart, rl, loss")
+            raise ConfigError(f"unknown override key {key!r}; sections: model, task, warmstart, rl, loss")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as error:
             valid = ", ".join(f"{section}.{k}" for k in getattr(LocalConfig(), section).__dict__)
-            raise ValueError(f"bad override {item!r} ({type(error).__name__}); valid keys: {valid}") from None
+            raise ConfigError(
+                f"bad override {item!r} ({type(error).__name__}); valid keys: {valid}"
+            ) from None
     config = OmegaConf.to_object(merged)
     assert isinstance(config, LocalConfig)
-    for key in ("careless_frac", "tool_frac"):
-        value = getattr(config.warmstart, key)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"warmstart.{key} must be in [0, 1], got {value}")
-    if config.warmstart.careless_frac + config.warmstart.tool_frac > 1.0:
-        raise ValueError(
-            "warmstart.careless_frac + warmstart.tool_frac must be at most 1 (shares of one set)"
-        )
-    if config.rl.prompts_per_step * config.rl.samples_per_prompt % config.rl.minibatches:
-        raise ValueError("rl.prompts_per_step * rl.samples_per_prompt must be divisible by rl.minibatches")
+    check_ranges(config)
     return config
 
 

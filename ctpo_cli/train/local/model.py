@@ -21,6 +21,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from ctpo_cli.errors import InputFileError
 from ctpo_cli.train.local.config import ModelConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -70,7 +71,7 @@ def load_policy(path: str | Path, device: str) -> tuple[PreTrainedModel, PreTrai
     """A local Hugging Face causal-LM checkpoint and its tokenizer (float32, on ``device``)."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+        raise InputFileError(f"{path} is not a Hugging Face checkpoint (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

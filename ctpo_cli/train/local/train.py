@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctpo_cli.algo import diagnostics
 from ctpo_cli.algo.losses import PolicyLossFn, get_method, get_policy_loss, method_hparams
+from ctpo_cli.errors import ConfigError, InputFileError
 from ctpo_cli.runs import rundir, tracking
 from ctpo_cli.tir.scoring import score_batch
 from ctpo_cli.train.local.config import LocalConfig, build_config, flat_params
@@ -382,10 +385,17 @@ def _save_checkpoint(
     """Write a Hugging Face checkpoint (+ trainer state) next to ``path`` and swap it in atomically."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if state is not None:
-        torch.save(state, tmp / "trainer_state.pt")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, tmp / "trainer_state.pt")
+    except BaseException as error:  # (a full disk): free what was written, keep the previous checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = re.search(r"os error (\d+)", str(error))
+        if code and not isinstance(error, OSError):  # safetensors reports I/O errors as its own type
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from error
+        raise
     old = path.with_name(path.name + ".old")
     if path.exists():
         path.rename(old)
@@ -416,9 +426,31 @@ def _resumable_run(runs_dir: Path, method: str) -> Path:
             and (run / rundir.CHECKPOINT_DIR / "trainer_state.pt").is_file()
         ):
             return run
-    raise FileNotFoundError(
+    raise InputFileError(
         f"no interrupted local run of {method!r} with a checkpoint under {runs_dir}; start one without --resume"
     )
+
+
+def _forget_after(run_dir: Path, step: int, info: dict[str, Any], console: Console) -> str | None:
+    """Before a resume from the step-``step`` checkpoint: drop what steps after it wrote (a process killed
+    between checkpoints logged them; they are trained again) from ``metrics.jsonl`` and ``positions/``.
+
+    MLflow cannot delete single steps of a metric's history, so when steps were dropped the resumed run
+    continues in a new MLflow run (tagged ``ctpo.resumed_from_run``/``_step``) that gets the history up
+    to ``step`` re-logged; the old run, which also holds the dropped steps, is tagged
+    ``ctpo.superseded_by``. Returns the superseded run's id (removed from ``info``), or None when
+    nothing was dropped and the same MLflow run continues.
+    """
+    diagnostics.discard_positions_after(run_dir, step)
+    dropped = rundir.keep_steps_through(run_dir, step)
+    if not dropped:
+        return None
+    console.print(
+        f"steps {dropped[0]}-{dropped[-1]} were logged after the step-{step} checkpoint; they are trained "
+        "again (dropped from metrics.jsonl; a new MLflow run continues this one)"
+    )
+    superseded = info.pop("mlflow_run_id", None)
+    return str(superseded) if superseded else None
 
 
 def train_local(
@@ -442,7 +474,7 @@ def train_local(
     get_method(method)
     runs_dir = Path(runs_dir)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but torch sees no GPU; use --device cpu")
+        raise ConfigError("--device cuda was given but torch sees no GPU; use --device cpu")
     if resume:
         run_dir = _resumable_run(runs_dir, method)
         info = rundir.read_run_info(run_dir)
@@ -451,7 +483,7 @@ def train_local(
     else:
         config = build_config(preset, overrides)
         if config.warmstart.tool_frac > 0:
-            raise ValueError(
+            raise ConfigError(
                 "warmstart.tool_frac > 0: the local engine runs no tools; train with tool use on verl "
                 "(ctpo train --model tiny-cpu)"
             )
@@ -470,7 +502,7 @@ def train_local(
     hparams = method_hparams(method, config.loss)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    start_step = 0
+    start_step, superseded = 0, None
     state_file = run_dir / rundir.CHECKPOINT_DIR / "trainer_state.pt"
     if resume:
         policy, tokenizer = load_policy(run_dir / rundir.CHECKPOINT_DIR, device)
@@ -478,6 +510,7 @@ def train_local(
         state = torch.load(state_file, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
+        superseded = _forget_after(run_dir, start_step, info, console)
         console.print(f"resuming [bold]{run_dir}[/] from step {start_step}")
     else:
         policy, tokenizer = initial_policy(config, model, seed, runs_dir, device, console)
@@ -492,6 +525,8 @@ def train_local(
     }
     params.update({f"loss.{k}": v for k, v in hparams.items()})
     tags = {"run_dir": str(run_dir.resolve()), "backend": "local", "method": method}
+    if superseded:
+        tags.update({"ctpo.resumed_from_run": superseded, "ctpo.resumed_from_step": str(start_step)})
     stats = diagnostics.PositionStats(run_dir)
     diagnostics.activate(stats)
     progress = TrainProgress(step=start_step)
@@ -501,6 +536,9 @@ def train_local(
         ) as run_id:
             info.update(mlflow_run_id=run_id, run_dir=str(run_dir), status="running", hparams=hparams)
             rundir.write_run_info(run_dir, info)
+            if superseded:  # the new MLflow run holds the whole history up to the checkpoint
+                tracking.log_history(run_id, rundir.read_metric_steps(run_dir))
+                tracking.set_tags(superseded, {"ctpo.superseded_by": run_id})
             _train_loop(
                 policy,
                 tokenizer,
@@ -524,10 +562,17 @@ def train_local(
         raise
     finally:
         diagnostics.activate(None)
-        if progress.step > start_step or not state_file.exists():
-            state = {"optimizer": optimizer.state_dict(), "step": progress.step, "seed": seed}
-            _save_checkpoint(run_dir / rundir.CHECKPOINT_DIR, policy, tokenizer, state)
-        rundir.write_run_info(run_dir, info)
+        try:
+            if progress.step > start_step or not state_file.exists():
+                state = {"optimizer": optimizer.state_dict(), "step": progress.step, "seed": seed}
+                _save_checkpoint(run_dir / rundir.CHECKPOINT_DIR, policy, tokenizer, state)
+        except BaseException:  # (a full disk): run.json and MLflow say so, not "running" or "finished"
+            info["status"] = "failed"
+            if "mlflow_run_id" in info:
+                tracking.end_run(info["mlflow_run_id"], "failed")
+            raise
+        finally:
+            rundir.write_run_info(run_dir, info)
         if "mlflow_run_id" in info:
             tracking.log_artifacts(
                 info["mlflow_run_id"],

@@ -39,6 +39,7 @@ from verl.experimental.agent_loop.tool_parser import FunctionCall, ToolParser
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
+from ctpo_cli.errors import ConfigError
 from ctpo_cli.tir.protocol import FINISHED, STOP_STRINGS, SYSTEM_PROMPT, extract_code, format_tool_output
 from sandbox.client import SandboxClient, SandboxUnavailable
 
@@ -80,7 +81,7 @@ class PythonSandboxTool(BaseTool):
         super().__init__(config, tool_schema or TOOL_SCHEMA)
         url = config.get("sandbox_url")
         if not url:
-            raise ValueError(
+            raise ConfigError(
                 "the python tool needs sandbox_url in its tool config (ctpo train sets $CTPO_SANDBOX_URL)"
             )
         self.run_timeout = float(config.get("run_timeout", 10.0))
