@@ -355,6 +355,10 @@ def eval_command(
     tools: bool = typer.Option(
         True, "--tools/--no-tools", help="Run the model's python blocks in the sandbox."
     ),
+    tir: str = typer.Option(
+        "authors",
+        help="Tool protocol: authors (the authors' released run, as training by default) or ctpo (ours).",
+    ),
     backend: str = typer.Option(
         "auto", help="auto, hf (transformers), vllm (offline engine) or openai (--base-url)."
     ),
@@ -396,6 +400,7 @@ def eval_command(
         max_turns=max_turns,
         max_tokens=max_tokens,
         tools=tools,
+        tir=tir,
         backend=backend,
         out=Path(out) if out else None,
         base_url=base_url or None,

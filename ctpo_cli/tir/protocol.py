@@ -328,7 +328,6 @@ class TirProtocol:
         return with_system_prompt(messages, self.system_prompt, self.merge_system)
 
 
-
 TIR_PROTOCOLS: dict[str, TirProtocol] = {
     AUTHORS: TirProtocol(
         AUTHORS,
@@ -439,14 +438,15 @@ class Trajectory:
 
     @property
     def full_text(self) -> str:
-        """Assistant turns and tool messages in order: what the authors' reward reads (:func:`whole_response`)."""
-        return whole_response(self.turns)
+        """Assistant turns and tool messages in order: what the authors' reward reads."""
+        return whole_response((turn.text, turn.tool.content if turn.tool else None) for turn in self.turns)
 
 
-def whole_response(turns: Iterable[Turn]) -> str:
-    """The whole response as text, tool messages included (the authors' reward scores it; their verl
-    decodes the response tokens, where the chat template's role markers also appear)."""
-    return join_turns(part for turn in turns for part in (turn.text, turn.tool.content if turn.tool else None) if part)
+def whole_response(turns: Iterable[tuple[str, str | None]]) -> str:
+    """The whole response from (assistant text, tool message or None) per turn, tool messages included:
+    what the authors' reward scores (their verl decodes the response tokens, where the chat template's
+    role markers also appear)."""
+    return join_turns(part for text, tool in turns for part in (text, tool) if part)
 
 
 class ToolLoop:
@@ -495,7 +495,9 @@ class ToolLoop:
         self.messages.append({"role": "assistant", "content": result.text})
         self.used_tokens += result.num_tokens
         call = self.protocol.find_call(result.text) if self.tools else None
-        self.turns.append(Turn(result.text, result.num_tokens, result.finish_reason, call and call.code))
+        self.turns.append(
+            Turn(result.text, result.num_tokens, result.finish_reason, call.code if call else None)
+        )
         if result.finish_reason == "length" or self.used_tokens >= self.max_tokens:
             self.stop_reason = "max_tokens"
         elif call is None:

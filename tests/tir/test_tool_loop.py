@@ -94,7 +94,9 @@ PROMPT = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Wha
 
 def test_code_runs_in_the_sandbox_and_comes_back(sandbox: SandboxClient) -> None:
     generate, seen = scripted(["```python\nprint(6*7)\n```", "So \\boxed{42}."])
-    trajectory = run_tool_loop(generate, PROMPT, sandbox, max_turns=5, max_tokens=1000, count_tokens=len, protocol=CTPO_TIR)
+    trajectory = run_tool_loop(
+        generate, PROMPT, sandbox, max_turns=5, max_tokens=1000, count_tokens=len, protocol=CTPO_TIR
+    )
     assert seen[1][-1] == {"role": "tool", "content": "```output\n42\n```"}
     assert (trajectory.num_turns, trajectory.tool_calls, trajectory.tool_errors) == (2, 1, 0)
     assert trajectory.stop_reason == "answer"
@@ -109,7 +111,9 @@ def test_program_errors_are_tool_errors_the_model_sees(sandbox: SandboxClient) -
     generate, seen = scripted(
         ["```python\nprint('start')\n1/0\n```", "```python\nprint(1)\n```", "\\boxed{1}"]
     )
-    trajectory = run_tool_loop(generate, PROMPT, sandbox, max_turns=5, max_tokens=5000, count_tokens=len, protocol=CTPO_TIR)
+    trajectory = run_tool_loop(
+        generate, PROMPT, sandbox, max_turns=5, max_tokens=5000, count_tokens=len, protocol=CTPO_TIR
+    )
     first_output = seen[1][-1]["content"]
     assert first_output.startswith("```output\nstart\n") and "ZeroDivisionError" in first_output
     assert (trajectory.tool_calls, trajectory.tool_errors) == (2, 1)
@@ -118,7 +122,9 @@ def test_program_errors_are_tool_errors_the_model_sees(sandbox: SandboxClient) -
 
 def test_turn_limit_leaves_last_code_unrun(sandbox: SandboxClient) -> None:
     generate, _ = scripted(["```python\nprint(1)\n```"] * 3)
-    trajectory = run_tool_loop(generate, PROMPT, sandbox, max_turns=3, max_tokens=5000, count_tokens=len, protocol=CTPO_TIR)
+    trajectory = run_tool_loop(
+        generate, PROMPT, sandbox, max_turns=3, max_tokens=5000, count_tokens=len, protocol=CTPO_TIR
+    )
     assert (trajectory.num_turns, trajectory.tool_calls, trajectory.stop_reason) == (3, 2, "max_turns")
     assert trajectory.turns[-1].code == "print(1)" and trajectory.turns[-1].tool is None
 
@@ -127,7 +133,9 @@ def test_tool_output_counts_against_the_token_budget(sandbox: SandboxClient) -> 
     code = "```python\nprint('x' * 50)\n```"
     generate, seen = scripted([code, "never generated"])
     # Room for the code (28 tokens) but not for code + its 64-token output.
-    trajectory = run_tool_loop(generate, PROMPT, sandbox, max_turns=5, max_tokens=60, count_tokens=len, protocol=CTPO_TIR)
+    trajectory = run_tool_loop(
+        generate, PROMPT, sandbox, max_turns=5, max_tokens=60, count_tokens=len, protocol=CTPO_TIR
+    )
     assert len(seen) == 1
     assert trajectory.stop_reason == "max_tokens" and trajectory.tool_calls == 1
     assert trajectory.response_tokens == len(code) + len(format_tool_output("x" * 50, "", "Finished", False))
@@ -135,7 +143,9 @@ def test_tool_output_counts_against_the_token_budget(sandbox: SandboxClient) -> 
 
 def test_a_turn_cut_by_the_budget_ends_the_trajectory(sandbox: SandboxClient) -> None:
     generate, seen = scripted(["```python\nprint(6*7)\n```", "a long answer that does not fit"])
-    trajectory = run_tool_loop(generate, PROMPT, sandbox, max_turns=5, max_tokens=50, count_tokens=len, protocol=CTPO_TIR)
+    trajectory = run_tool_loop(
+        generate, PROMPT, sandbox, max_turns=5, max_tokens=50, count_tokens=len, protocol=CTPO_TIR
+    )
     remaining = 50 - len("```python\nprint(6*7)\n```") - len("```output\n42\n```")
     assert trajectory.turns[-1].text == "a long answer that does not fit"[:remaining]
     assert trajectory.stop_reason == "max_tokens" and trajectory.response_tokens == 50
@@ -145,7 +155,9 @@ def test_a_turn_cut_by_the_budget_ends_the_trajectory(sandbox: SandboxClient) ->
 def test_unreachable_sandbox_raises() -> None:
     generate, _ = scripted(["```python\nprint(1)\n```"])
     with SandboxClient("http://127.0.0.1:9", timeout=2) as dead, pytest.raises(SandboxUnavailable):
-        run_tool_loop(generate, PROMPT, dead, max_turns=5, max_tokens=100, count_tokens=len, protocol=CTPO_TIR)
+        run_tool_loop(
+            generate, PROMPT, dead, max_turns=5, max_tokens=100, count_tokens=len, protocol=CTPO_TIR
+        )
 
 
 # --------------------------------------------------------------------------------------------------
