@@ -259,7 +259,7 @@ def test_eval_with_tools_end_to_end(
     per_problem = pd.read_csv(out / "per_problem.csv")
     assert per_problem["n_correct"].tolist() == [2, 2, 0]
     markdown = (out / "summary.md").read_text()
-    assert "| tiny | 3 | 6 | 66.7 ± 33.3 | [13.3, 100.0] | 66.7 ± 33.3 |" in markdown  # authors', strict
+    assert "| tiny | 3 | 6 | 66.7 ± 33.3 | [1.3, 100.0] | 66.7 ± 33.3 |" in markdown  # authors', strict
     assert "| avg@k % | 95% CI | strict % |" in markdown
 
     runs = mlflow_runs(workdir)
