@@ -81,6 +81,7 @@ def train_verl(
     dry_run: bool = False,
     sandbox_url: str | None = None,
     resume: bool = False,
+    explain: bool = False,
 ) -> Path | None:
     """Compose, validate and (unless ``dry_run``) launch a verl training run; returns its run directory.
 
@@ -89,7 +90,8 @@ def train_verl(
     ``auto``) loads the checkpoint and goes on with the next step, e.g. to a larger
     ``trainer.total_training_steps``.
 
-    ``dry_run`` prints verl's composed config and the exact command, and launches nothing. Without GPUs
+    ``dry_run`` prints verl's composed config and the exact command, and launches nothing; with
+    ``explain`` also the reproduction manifest (``ctpo_cli.train.manifest``). Without GPUs
     or verl a real launch stops at once with one line naming ``--backend local`` and ``--dry-run``.
     Raises TrainingFailed when verl exits with an error (after recording the run as failed).
     """
@@ -113,6 +115,10 @@ def train_verl(
     job = build_job(experiment)
     if dry_run:
         print_dry_run(job, sandbox_url or experiment.ctpo.sandbox.url)
+        if explain:
+            from ctpo_cli.train.manifest import print_explain
+
+            print_explain(job)
         return None
     synthetic.prepare(experiment.ctpo.synthetic, experiment.ctpo.seed, Path(runs_dir), Console())
     missing = missing_data_files(experiment)
