@@ -375,6 +375,10 @@ def eval_command(
         "authors",
         help="Tool protocol: authors (the authors' released run, as training by default) or ctpo (ours).",
     ),
+    reward: str = typer.Option(
+        "authors",
+        help="Headline reward (avg@k, CI, pass@k): authors or strict; both are reported side by side.",
+    ),
     backend: str = typer.Option(
         "auto", help="auto, hf (transformers), vllm (offline engine) or openai (--base-url)."
     ),
@@ -417,6 +421,7 @@ def eval_command(
         max_tokens=max_tokens,
         tools=tools,
         tir=tir,
+        reward=reward,
         backend=backend,
         out=Path(out) if out else None,
         base_url=base_url or None,

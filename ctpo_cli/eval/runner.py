@@ -53,22 +53,27 @@ from ctpo_cli.tir.protocol import (
     join_turns,
     whole_response,
 )
-from ctpo_cli.tir.scoring import AUTHORS, STRICT, extract_boxed, score_batch
+from ctpo_cli.tir.scoring import AUTHORS, REWARDS, STRICT, extract_boxed, score_batch
 from dataset.registry import ground_truth, is_path, load_benchmark, prompt_messages
 
 
-def sample_record(job: _Job, trajectory: Trajectory, correct: bool, strict: bool) -> dict[str, Any]:
+def sample_record(
+    job: _Job, trajectory: Trajectory, authors: bool, strict: bool, reward: str
+) -> dict[str, Any]:
     """The JSON record of a finished sample; a crashed one keeps what it produced and its error.
 
-    ``correct``: the authors' reward (any of verl's scorers accepts the whole response); ``correct_strict``:
-    the strict one (the final ``\\boxed{}`` of the assistant text), ``ctpo_cli.tir.scoring``."""
+    ``correct_authors``: the authors' reward (any of verl's scorers accepts the whole response);
+    ``correct_strict``: the strict one (the final ``\\boxed{}`` of the assistant text),
+    ``ctpo_cli.tir.scoring``; ``correct``: the headline one, ``reward``."""
+    verdicts = {AUTHORS: authors and job.error is None, STRICT: strict and job.error is None}
     return {
         "problem_id": job.problem_id,
         "sample": job.sample,
         "ground_truth": job.truth,
         "answer": extract_boxed(trajectory.response_text),
-        "correct": correct and job.error is None,
-        "correct_strict": strict and job.error is None,
+        "correct": verdicts[reward],
+        "correct_authors": verdicts[AUTHORS],
+        "correct_strict": verdicts[STRICT],
         "num_turns": trajectory.num_turns,
         "tool_calls": trajectory.tool_calls,
         "tool_errors": trajectory.tool_errors,
@@ -117,7 +122,7 @@ class _Job:
         return self.error is not None or self.loop.done
 
 
-def _records(finished: Sequence[_Job]) -> list[dict[str, Any]]:
+def _records(finished: Sequence[_Job], reward: str) -> list[dict[str, Any]]:
     """Records of finished jobs, scored in one batch (a crashed job, cut short, is scored wrong)."""
     trajectories = [
         job.loop.trajectory() if job.error is None else Trajectory(job.loop.messages, job.loop.turns, "error")
@@ -126,7 +131,9 @@ def _records(finished: Sequence[_Job]) -> list[dict[str, Any]]:
     truths = [job.truth for job in finished]
     authors = score_batch([t.full_text for t in trajectories], truths, rule=AUTHORS)
     strict = score_batch([t.response_text for t in trajectories], truths, rule=STRICT)
-    return [sample_record(*item) for item in zip(finished, trajectories, authors, strict, strict=True)]
+    return [
+        sample_record(*item, reward) for item in zip(finished, trajectories, authors, strict, strict=True)
+    ]
 
 
 def run_jobs(
@@ -160,7 +167,7 @@ def run_jobs(
                 job.error = error
         finished = [job for job in active if job.finished]
         if finished:
-            yield _records(finished)
+            yield _records(finished, settings.reward)
         active = [job for job in active if not job.finished]
 
 
@@ -312,7 +319,9 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
         raise ValueError(f"--n must be >= 1 (got {settings.n})")
     if not settings.benchmarks:
         raise ValueError("--benchmarks is empty")
-    get_protocol(settings.tir)  # an unknown --tir fails here, before anything is written
+    get_protocol(settings.tir)  # an unknown --tir or --reward fails here, before anything is written
+    if settings.reward not in REWARDS:
+        raise ValueError(f"unknown --reward {settings.reward!r}; choose one of {', '.join(REWARDS)}")
     out = settings.out or default_out(settings.model)
     names = {b: Path(b).stem if is_path(b) else b for b in settings.benchmarks}
     if len(set(names.values())) < len(settings.benchmarks):
@@ -329,7 +338,7 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
         frames = {names[b]: load_benchmark(b, settings.data_dir) for b in settings.benchmarks}
         backend = resolve_backend(settings)
         check_resume(out, settings)
-    title = f"{model_label(settings.model)}: avg@{settings.n}" + (
+    title = f"{model_label(settings.model)}: avg@{settings.n}, {settings.reward} reward" + (
         f" (tool protocol {settings.tir})" if settings.tools else " (no tools)"
     )
     run_name = f"eval-{model_label(settings.model)}"
@@ -337,7 +346,7 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
         "ctpo-eval", run_name, mlflow_params(settings, backend, out), {"git_commit": git_commit()}
     ) as run_id:
         if frames is None:
-            records = rescore(stores, settings.n)
+            records = rescore(stores, settings.n, settings.reward)
         else:
             console.print(f"[bold]eval:[/] {settings.model} ({backend}) -> {out}")
             generate_all(settings, frames, stores, backend, console)
@@ -359,7 +368,7 @@ def saved_records(
     return [saved[(pid, s)] for pid in frame["id"] for s in range(n) if (pid, s) in saved]
 
 
-def rescore(stores: dict[str, GenerationStore], n: int) -> dict[str, list[dict[str, Any]]]:
+def rescore(stores: dict[str, GenerationStore], n: int, reward: str) -> dict[str, list[dict[str, Any]]]:
     """Re-check every saved sample with the current scorer and rewrite its file (no model needed);
     returns samples 0..n-1 for the summary."""
     records = {}
@@ -377,8 +386,9 @@ def rescore(stores: dict[str, GenerationStore], n: int) -> dict[str, list[dict[s
         strict = score_batch(texts, truths, rule=STRICT)
         for record, text, verdict, verdict_strict in zip(saved, texts, authors, strict, strict=True):
             record["answer"] = extract_boxed(text)
-            record["correct"] = verdict and record["error"] is None
+            record["correct_authors"] = verdict and record["error"] is None
             record["correct_strict"] = verdict_strict and record["error"] is None
+            record["correct"] = record[f"correct_{reward}"]
         store.rewrite(saved)
         records[name] = [r for r in saved if r["sample"] < n]
     if not records:

@@ -43,6 +43,7 @@ class EvalSettings:
     max_tokens: int = 8000
     tools: bool = True
     tir: str = "authors"  # tool protocol (ctpo_cli.tir.protocol.TIR_PROTOCOLS): the authors' run, or ctpo
+    reward: str = "authors"  # the headline reward (avg@k, CI, pass@k); both are always reported
     backend: str = "auto"
     out: Path | None = None
     base_url: str | None = None

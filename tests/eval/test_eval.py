@@ -223,6 +223,7 @@ def test_eval_with_tools_end_to_end(
         assert record["tool_calls"] == 1 and record["tool_errors"] == 0 and record["num_turns"] == 2
         assert record["turns"][0]["tool"]["content"] == "```output\n42\n```"  # printed by the sandbox
         assert record["answer"] == "42" and record["correct"] is record["correct_strict"] is True
+        assert record["correct_authors"] is True
     assert all(r["answer"] == "1024" and r["correct"] and r["correct_strict"] for r in by_problem["p1"])
     assert all(r["tool_calls"] == 0 and r["answer"] == "8" and not r["correct"] for r in by_problem["p2"])
 
@@ -259,8 +260,8 @@ def test_eval_with_tools_end_to_end(
     per_problem = pd.read_csv(out / "per_problem.csv")
     assert per_problem["n_correct"].tolist() == [2, 2, 0]
     markdown = (out / "summary.md").read_text()
-    assert "| tiny | 3 | 6 | 66.7 ± 33.3 | [1.3, 100.0] | 66.7 ± 33.3 |" in markdown  # authors', strict
-    assert "| avg@k % | 95% CI | strict % |" in markdown
+    assert "| tiny | 3 | 6 | 66.7 ± 33.3 | [1.3, 100.0] | 66.7 ± 33.3 | 66.7 ± 33.3 |" in markdown
+    assert "| avg@k % | 95% CI | authors % | strict % |" in markdown
 
     runs = mlflow_runs(workdir)
     assert len(runs) == 1 and runs.loc[0, "status"] == "FINISHED"
@@ -531,6 +532,7 @@ def fake_record(pid: str, sample: int, correct: bool, calls: int = 0, errors: in
         "sample": sample,
         "ground_truth": "1",
         "correct": correct,
+        "correct_authors": correct,
         "correct_strict": correct and sample > 0,
         "num_turns": calls + 1,
         "tool_calls": calls,
