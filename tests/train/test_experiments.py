@@ -110,11 +110,11 @@ def test_the_authors_run_is_the_default_for_every_method_and_preset(
         assert (correction.rollout_is, correction.rollout_is_threshold) == ("sequence", 5.0), (method, preset)
         assert correction.rollout_is_batch_normalize is False
         assert cfg.reward.custom_reward_function.name == "authors_score"
-        assert cfg.trainer.val_before_train is False
         multi_turn = cfg.actor_rollout_ref.rollout.multi_turn
         if preset == "tiny-cpu":  # the tiny warm start speaks the ctpo protocol (its preset says why)
             assert job.experiment.ctpo.tir == "ctpo" and multi_turn.format == "ctpo_python_block"
             continue
+        assert cfg.trainer.val_before_train is False
         assert job.experiment.ctpo.tir == "authors" and multi_turn.max_tool_response_length == 256
         assert multi_turn.tool_response_truncate_side == "middle" and multi_turn.format == "ctpo_authors"
         assert Path(multi_turn.tool_config_path).name == "tools-authors.yaml"
