@@ -54,6 +54,11 @@ AUTHORS = "authors"
 STRICT = "strict"
 REWARDS = (AUTHORS, STRICT)
 """The reward rules by name; ``authors`` reproduces the paper's runs."""
+REWARD_SUMMARIES = {
+    AUTHORS: "the authors' released run: correct if any of verl's math_reward, math_dapo or math_verify "
+    "accepts the whole response, tool output included",
+    STRICT: "ctpo's: the final \\boxed{} of the assistant text, tool output excluded, under math-verify",
+}
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds one answer may take in a worker (enforced by the parent) before it is judged wrong."""

@@ -39,6 +39,8 @@ from rich.console import Console
 
 from ctpo_cli.algo.diagnostics import discard_positions_after
 from ctpo_cli.runs import rundir, tracking
+from ctpo_cli.tir.protocol import get_protocol
+from ctpo_cli.tir.scoring import REWARD_SUMMARIES
 from ctpo_cli.train import synthetic
 from ctpo_cli.train.experiments import (
     DATA_PATH_KEYS,
@@ -212,6 +214,8 @@ def print_dry_run(job: VerlJob, sandbox_url: str | None) -> None:
     experiment = job.experiment
     sources = ", ".join(str(f) for f in experiment.files)
     print(f"# verl config composed from {sources} and the command line (python -m verl.trainer.main_ppo)")
+    print(f"# tool protocol ctpo.tir={experiment.ctpo.tir}: {get_protocol(experiment.ctpo.tir).summary}")
+    print(f"# reward ctpo.reward={experiment.ctpo.reward}: {REWARD_SUMMARIES[experiment.ctpo.reward]}")
     print(OmegaConf.to_yaml(job.config, resolve=True))
     env = launch_env(
         experiment.run_dir, sandbox_url or "<sandbox started by ctpo train>", "<created by ctpo train>"
