@@ -86,6 +86,11 @@ def train(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="verl: print the composed config and command; run nothing."
     ),
+    explain: bool = typer.Option(
+        False,
+        "--explain",
+        help="with --dry-run: every setting next to the paper's and the authors' (docs/reproduce.md).",
+    ),
     experiment: list[Path] = typer.Option(
         [], "--experiment", "-e", help="verl: extra experiment YAML (repeatable)."
     ),
@@ -109,8 +114,8 @@ def train(
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "local":
-        if experiment or dry_run:
-            raise UserError("--experiment and --dry-run apply to --backend verl only")
+        if experiment or dry_run or explain:
+            raise UserError("--experiment, --dry-run and --explain apply to --backend verl only")
         from ctpo_cli.train.local.train import train_local
 
         train_local(
@@ -125,11 +130,22 @@ def train(
             console=console,
         )
         return
+    if explain and not dry_run:
+        raise UserError("--explain goes with --dry-run (it prints, it does not launch)")
     from ctpo_cli.train.launcher import TrainingFailed, train_verl
 
     try:
         run_dir = train_verl(
-            method, model, seed, experiment, overrides or [], out, dry_run, sandbox_url, resume=resume
+            method,
+            model,
+            seed,
+            experiment,
+            overrides or [],
+            out,
+            dry_run,
+            sandbox_url,
+            resume=resume,
+            explain=explain,
         )
     except TrainingFailed as failure:
         Console(stderr=True).print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
@@ -456,6 +472,14 @@ def eval_command(
     tools: bool = typer.Option(
         True, "--tools/--no-tools", help="Run the model's python blocks in the sandbox."
     ),
+    tir: str = typer.Option(
+        "authors",
+        help="Tool protocol: authors (the authors' released run, as training by default) or ctpo (ours).",
+    ),
+    reward: str = typer.Option(
+        "authors",
+        help="Headline reward (avg@k, CI, pass@k): authors or strict; both are reported side by side.",
+    ),
     backend: str = typer.Option(
         "auto", help="auto, hf (transformers), vllm (offline engine) or openai (--base-url)."
     ),
@@ -497,6 +521,8 @@ def eval_command(
         max_turns=max_turns,
         max_tokens=max_tokens,
         tools=tools,
+        tir=tir,
+        reward=reward,
         backend=backend,
         out=Path(out) if out else None,
         base_url=base_url or None,

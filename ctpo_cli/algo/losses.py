@@ -35,7 +35,11 @@ Methods (``get_policy_loss(name)``):
 * ``seq-is``: full sequence ratio R_i = exp(K_|y|) with PPO clip and dual clip (the unbiased,
   high-variance end of the spectrum).
 
-The loss never synchronises with the host: metrics come back as 0-dim tensors. When a
+The loss itself never synchronises with the host: its metrics come back as 0-dim tensors on the device.
+(verl does synchronise afterwards: its metric collection calls ``.item()`` on every metric of every
+micro-batch, ``verl.utils.metric.Metric.append``, and averages them over micro-batches and ranks, so each
+metric is a mean of per-micro-batch values; ``ctpo/is_weight_microbatch_peak`` is the mean of the
+micro-batches' largest weights, not the step's maximum.) When a
 :class:`~ctpo_cli.algo.diagnostics.PositionStats` accumulator is active, the loss feeds it per-position
 statistics of K_t (see :mod:`ctpo_cli.algo.diagnostics`).
 """
@@ -536,7 +540,9 @@ def get_policy_loss(name: str, on_call: Callable[[Any], None] | None = None) -> 
             # d_t is 0 and K_t finite off the mask (token_terms), so these masked means need no where
             metrics["actor/ppo_kl"] = -terms.log_ratio.sum() / count
             metrics["ctpo/is_weight_mean"] = masked_mean(weight, mask)
-            metrics["ctpo/is_weight_max"] = torch.where(model, weight, 0.0).max()
+            # this micro-batch's largest weight; verl averages it over micro-batches and ranks (no "max"
+            # in the name: verl's legacy reduce_metrics would take the maximum of such a key instead)
+            metrics["ctpo/is_weight_microbatch_peak"] = torch.where(model, weight, 0.0).max()
             metrics["ctpo/clip_low_frac"] = torch.count_nonzero(below) / count
             metrics["ctpo/clip_high_frac"] = torch.count_nonzero(above) / count
             metrics["ctpo/cum_log_ratio_abs_mean"] = (terms.cum_log_ratio.abs() * mask).sum() / count

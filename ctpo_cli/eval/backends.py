@@ -12,10 +12,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 
 from ctpo_cli.errors import BackendUnavailable, ConfigError, InputFileError
 from ctpo_cli.eval.settings import BACKENDS, EvalSettings
-from ctpo_cli.tir.protocol import (
-    STOP_STRINGS,
-    GenerationResult,
-)
+from ctpo_cli.tir.protocol import GenerationResult, get_protocol
 
 
 @dataclass(frozen=True)
@@ -47,6 +44,8 @@ class Sampling:
     temperature: float
     top_p: float
     stop: tuple[str, ...]
+    tools: tuple[dict[str, Any], ...] = ()
+    """Tool schemas the chat template lists (the tool protocol's)."""
 
 
 class ChatTokenizer:
@@ -70,9 +69,13 @@ class ChatTokenizer:
                 f"cannot load a tokenizer from {path}: {str(error).splitlines()[0]}"
             ) from error
 
-    def render(self, messages: Sequence[dict[str, Any]]) -> str:
+    def render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()) -> str:
         text = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False, enable_thinking=False
+            list(messages),
+            tools=list(tools) or None,
+            add_generation_prompt=True,
+            tokenize=False,
+            enable_thinking=False,
         )
         return str(text)
 
@@ -127,7 +130,7 @@ class HFBackend:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
         tokenizer = self.chat.tokenizer
-        prompts = [self.chat.render(r.messages) for r in requests]
+        prompts = [self.chat.render(r.messages, self.sampling.tools) for r in requests]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
             self.model.device
         )
@@ -178,7 +181,10 @@ class VLLMBackend:
         return self.chat.count_tokens(text)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
-        prompts = [{"prompt_token_ids": self.chat.encode(self.chat.render(r.messages))} for r in requests]
+        prompts = [
+            {"prompt_token_ids": self.chat.encode(self.chat.render(r.messages, self.sampling.tools))}
+            for r in requests
+        ]
         params = [
             self.params(
                 n=1,
@@ -253,7 +259,7 @@ class OpenAIBackend:
     def _one(self, request: GenerationRequest) -> GenerationResult:
         payload = {
             "model": self.served,
-            "prompt": self.chat.render(request.messages),
+            "prompt": self.chat.render(request.messages, self.sampling.tools),
             "max_tokens": request.max_new_tokens,
             "temperature": self.sampling.temperature,
             "top_p": self.sampling.top_p,
@@ -321,7 +327,12 @@ def resolve_backend(settings: EvalSettings) -> str:
 
 
 def make_backend(settings: EvalSettings, backend: str) -> Backend:
-    sampling = Sampling(settings.temperature, settings.top_p, STOP_STRINGS if settings.tools else ())
+    protocol = get_protocol(settings.tir)
+    sampling = (
+        Sampling(settings.temperature, settings.top_p, protocol.stop_strings, protocol.tool_schemas)
+        if settings.tools
+        else Sampling(settings.temperature, settings.top_p, ())
+    )
     if backend == "hf":
         return HFBackend(settings.model, sampling)
     if backend == "vllm":

@@ -1,11 +1,15 @@
 """Metrics of ``ctpo eval`` and the tables it writes and prints.
 
-For each benchmark, every problem gets ``n`` sampled trajectories (``ctpo_cli.tir.protocol`` protocol), each
-scored by ``ctpo_cli.tir.scoring.is_correct`` on its final ``\\boxed{}`` answer.
+For each benchmark, every problem gets ``n`` sampled trajectories (a ``ctpo_cli.tir.protocol`` protocol),
+each scored under both rewards of ``ctpo_cli.tir.scoring``: the authors' (any of verl's scorers accepts the
+whole response; ``correct_authors``, comparable to the paper's Table 2) and the strict one (the final
+``\\boxed{}`` of the assistant text under math-verify; ``correct_strict``), reported side by side; the
+headline columns (avg@k, CI, pass@k) use ``correct``, the one ``--reward`` names (default: the authors').
 
-Metrics per benchmark (P problems, problem i with n_i samples of which c_i are correct, p_i = c_i/n_i):
+Metrics per benchmark (P problems, problem i with n_i samples of which c_i are correct, p_i = c_i/n_i;
+the headline reward unless ``_authors`` / ``_strict``):
 
-    avg@k      = (1/P) sum_i p_i                        the paper's avg@32 (k = n)
+    avg@k      = (1/P) sum_i p_i                        the paper's avg@32 (k = n); avg_at_k_<reward> likewise
     stderr     = sd(p_1..p_P) / sqrt(P)                  (sample sd, ddof = 1)
     ci95       = avg@k -/+ 1.96 stderr, clipped to [0, 1]
     pass@k     = (1/P) sum_i [1 - C(n_i - c_i, k) / C(n_i, k)]     unbiased (Chen et al. 2021), k = 1, 2, 4, ..., n
@@ -36,6 +40,7 @@ from rich.table import Table
 from ctpo_cli.eval.settings import PER_PROBLEM_FILE, SUMMARY_FILE, SUMMARY_MD, EvalSettings
 from ctpo_cli.runs import atomic, tracking
 from ctpo_cli.runs.atomic import atomic_path
+from ctpo_cli.tir.scoring import REWARDS
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -61,6 +66,8 @@ def problem_table(benchmark: str, records: Sequence[dict[str, Any]]) -> pd.DataF
                     "problem_id",
                     "ground_truth",
                     "correct",
+                    "correct_authors",
+                    "correct_strict",
                     "num_turns",
                     "tool_calls",
                     "response_tokens",
@@ -77,12 +84,16 @@ def problem_table(benchmark: str, records: Sequence[dict[str, Any]]) -> pd.DataF
             "ground_truth": grouped["ground_truth"].first().to_numpy(),
             "n_samples": grouped.size().to_numpy(),
             "n_correct": grouped["correct"].sum().to_numpy().astype(int),
+            "n_correct_authors": grouped["correct_authors"].sum().to_numpy().astype(int),
+            "n_correct_strict": grouped["correct_strict"].sum().to_numpy().astype(int),
             "mean_turns": grouped["num_turns"].mean().to_numpy(),
             "mean_tool_calls": grouped["tool_calls"].mean().to_numpy(),
             "mean_response_tokens": grouped["response_tokens"].mean().to_numpy(),
         }
     )
     table.insert(5, "pass_rate", table["n_correct"] / table["n_samples"])
+    table.insert(7, "pass_rate_authors", table["n_correct_authors"] / table["n_samples"])
+    table.insert(9, "pass_rate_strict", table["n_correct_strict"] / table["n_samples"])
     return table
 
 
@@ -93,7 +104,7 @@ def benchmark_summary(
     rates = problems["pass_rate"].to_numpy()
     count = len(rates)
     avg = float(rates.mean())
-    stderr = float(rates.std(ddof=1) / math.sqrt(count)) if count > 1 else math.nan
+    stderr = _stderr(rates)
     k_max = int(problems["n_samples"].min())
     calls = sum(r["tool_calls"] for r in records)
     row: dict[str, Any] = {
@@ -105,6 +116,9 @@ def benchmark_summary(
         "stderr": stderr,
         **ci95(avg, stderr),
     }
+    for reward in REWARDS:
+        rates_of = problems[f"pass_rate_{reward}"].to_numpy()
+        row |= {f"avg_at_k_{reward}": float(rates_of.mean()), f"stderr_{reward}": _stderr(rates_of)}
     for k in ks_for(k_max):
         row[f"pass_at_{k}"] = (
             sum(
@@ -120,6 +134,11 @@ def benchmark_summary(
         "mean_response_tokens": sum(r["response_tokens"] for r in records) / len(records),
     }
     return row
+
+
+def _stderr(rates: Any) -> float:
+    """sd(p_1..p_P) / sqrt(P) (ddof 1); NaN with one problem."""
+    return float(rates.std(ddof=1) / math.sqrt(len(rates))) if len(rates) > 1 else math.nan
 
 
 def ci95(avg: float, stderr: float) -> dict[str, float]:
@@ -140,6 +159,8 @@ def average_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         row[column] = frame[column].sum() if summed else frame[column].mean(skipna=False)
     row["k"] = int(frame["k"].min())
     row["stderr"] = math.sqrt(float((frame["stderr"] ** 2).sum())) / len(frame)
+    for reward in REWARDS:
+        row[f"stderr_{reward}"] = math.sqrt(float((frame[f"stderr_{reward}"] ** 2).sum())) / len(frame)
     row |= ci95(row["avg_at_k"], row["stderr"])
     return row
 
@@ -169,6 +190,7 @@ def summarize(records_by_benchmark: dict[str, list[dict[str, Any]]]) -> tuple[pd
         (c for c in summary.columns if c.startswith("pass_at_")), key=lambda c: int(c.rsplit("_", 1)[1])
     )
     head = ["benchmark", "n_problems", "n_samples", "k", "avg_at_k", "stderr", "ci95_low", "ci95_high"]
+    head += [f"{column}_{reward}" for reward in REWARDS for column in ("avg_at_k", "stderr")]
     tail = ["mean_turns", "mean_tool_calls", "tool_error_rate", "mean_response_tokens", "n_errors"]
     tail += ["failed_samples"]
     problems = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
@@ -192,6 +214,7 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         "samples",
         "avg@k %",
         "95% CI",
+        *[f"{reward} %" for reward in REWARDS],
         *[c.replace("pass_at_", "pass@") for c in passes],
         "turns",
         "tool calls",
@@ -208,6 +231,7 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                 str(int(row["n_samples"])),
                 f"{_percent(row['avg_at_k'])} ± {_percent(row['stderr'])}",
                 f"[{_percent(row['ci95_low'])}, {_percent(row['ci95_high'])}]",
+                *[f"{_percent(row[f'avg_at_k_{r}'])} ± {_percent(row[f'stderr_{r}'])}" for r in REWARDS],
                 *[_percent(row[c]) for c in passes],
                 f"{row['mean_turns']:.2f}",
                 f"{row['mean_tool_calls']:.2f}",
@@ -227,7 +251,9 @@ def write_outputs(out: Path, summary: pd.DataFrame, problems: pd.DataFrame, titl
     lines = [
         f"# {title}",
         "",
-        "avg@k ± stderr across problems, in percent.",
+        "avg@k ± stderr across problems, in percent. avg@k, CI and pass@k: the headline reward; authors: "
+        "any of verl's math_reward, math_dapo, math_verify accepts the whole response; strict: the final "
+        "\\boxed{} of the assistant text under math-verify.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -245,7 +271,8 @@ def print_summary(console: Console, summary: pd.DataFrame, title: str) -> None:
     header, cells = display_rows(summary)
     table = Table(
         title=title,
-        caption="avg@k ± stderr across problems (the 95% CI treats problems as the sampling unit)",
+        caption="avg@k ± stderr across problems (the 95% CI treats problems as the sampling unit); avg@k, "
+        "CI and pass@k: the headline reward; authors and strict: each reward",
     )
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i == 0 else "right")
@@ -265,6 +292,8 @@ def mlflow_params(settings: EvalSettings, backend: str, out: Path) -> dict[str, 
         "max_tokens": settings.max_tokens,
         "backend": backend,
         "tools": settings.tools,
+        "tir": settings.tir,
+        "reward": settings.reward,
         "seed": settings.seed,
         "rescore": settings.rescore,
         "out": str(out),

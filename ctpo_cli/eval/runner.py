@@ -47,24 +47,35 @@ from ctpo_cli.runs import atomic
 from ctpo_cli.runs.rundir import CHECKPOINT_DIR, RUN_FILE, latest_checkpoint
 from ctpo_cli.tir.protocol import (
     NO_TOOLS_SYSTEM_PROMPT,
-    SYSTEM_PROMPT,
+    TirProtocol,
     ToolLoop,
     Trajectory,
     execute,
+    get_protocol,
     join_turns,
+    whole_response,
 )
-from ctpo_cli.tir.scoring import extract_boxed, score_batch
+from ctpo_cli.tir.scoring import AUTHORS, REWARDS, STRICT, extract_boxed, score_batch
 from dataset.registry import ground_truth, is_path, load_benchmark, prompt_messages
 
 
-def sample_record(job: _Job, trajectory: Trajectory, correct: bool) -> dict[str, Any]:
-    """The JSON record of a finished sample; a crashed one keeps what it produced and its error."""
+def sample_record(
+    job: _Job, trajectory: Trajectory, authors: bool, strict: bool, reward: str
+) -> dict[str, Any]:
+    """The JSON record of a finished sample; a crashed one keeps what it produced and its error.
+
+    ``correct_authors``: the authors' reward (any of verl's scorers accepts the whole response);
+    ``correct_strict``: the strict one (the final ``\\boxed{}`` of the assistant text),
+    ``ctpo_cli.tir.scoring``; ``correct``: the headline one, ``reward``."""
+    verdicts = {AUTHORS: authors and job.error is None, STRICT: strict and job.error is None}
     return {
         "problem_id": job.problem_id,
         "sample": job.sample,
         "ground_truth": job.truth,
         "answer": extract_boxed(trajectory.response_text),
-        "correct": correct and job.error is None,
+        "correct": verdicts[reward],
+        "correct_authors": verdicts[AUTHORS],
+        "correct_strict": verdicts[STRICT],
         "num_turns": trajectory.num_turns,
         "tool_calls": trajectory.tool_calls,
         "tool_errors": trajectory.tool_errors,
@@ -79,17 +90,18 @@ def sample_record(job: _Job, trajectory: Trajectory, correct: bool) -> dict[str,
 # Running trajectories
 
 
-def eval_messages(row: pd.Series, tools: bool, as_is: bool = False) -> list[dict[str, Any]]:
-    """The prompt: with tools, the dataset's own system message if it has one, else ``SYSTEM_PROMPT``;
-    without tools, ``NO_TOOLS_SYSTEM_PROMPT`` in place of any system message; ``as_is``: unchanged
-    (for a model trained on exactly these prompts, e.g. the local backend's synthetic task)."""
+def eval_messages(row: pd.Series, protocol: TirProtocol | None, as_is: bool = False) -> list[dict[str, Any]]:
+    """The prompt: with tools, the protocol's system prompt as training adds it
+    (``TirProtocol.messages``); without tools (``protocol`` None), ``NO_TOOLS_SYSTEM_PROMPT`` in place
+    of any system message; ``as_is``: unchanged (for a model trained on exactly these prompts, e.g. the
+    local backend's synthetic task)."""
     messages = prompt_messages(row)
     if as_is:
         return messages
+    if protocol is not None:
+        return protocol.messages(messages)
     rest = [m for m in messages if m["role"] != "system"]
-    if tools and len(rest) < len(messages):
-        return messages
-    return [{"role": "system", "content": SYSTEM_PROMPT if tools else NO_TOOLS_SYSTEM_PROMPT}, *rest]
+    return [{"role": "system", "content": NO_TOOLS_SYSTEM_PROMPT}, *rest]
 
 
 def sample_seed(seed: int, problem_id: str, sample: int, turn: int) -> int:
@@ -112,14 +124,18 @@ class _Job:
         return self.error is not None or self.loop.done
 
 
-def _records(finished: Sequence[_Job]) -> list[dict[str, Any]]:
+def _records(finished: Sequence[_Job], reward: str) -> list[dict[str, Any]]:
     """Records of finished jobs, scored in one batch (a crashed job, cut short, is scored wrong)."""
     trajectories = [
         job.loop.trajectory() if job.error is None else Trajectory(job.loop.messages, job.loop.turns, "error")
         for job in finished
     ]
-    verdicts = score_batch([t.response_text for t in trajectories], [job.truth for job in finished])
-    return [sample_record(*item) for item in zip(finished, trajectories, verdicts, strict=True)]
+    truths = [job.truth for job in finished]
+    authors = score_batch([t.full_text for t in trajectories], truths, rule=AUTHORS)
+    strict = score_batch([t.response_text for t in trajectories], truths, rule=STRICT)
+    return [
+        sample_record(*item, reward) for item in zip(finished, trajectories, authors, strict, strict=True)
+    ]
 
 
 def run_jobs(
@@ -142,8 +158,10 @@ def run_jobs(
         for job, result in zip(active, backend.generate(requests), strict=True):
             if isinstance(result, Exception):
                 job.error = result
-            elif (code := job.loop.add_generation(result)) is not None:
-                calls.append((job, threads.submit(execute, sandbox, code, backend.count_tokens)))
+            elif (call := job.loop.add_generation(result)) is not None:
+                calls.append(
+                    (job, threads.submit(execute, sandbox, call, backend.count_tokens, job.loop.protocol))
+                )
         for job, future in calls:
             try:
                 job.loop.add_tool_result(future.result())
@@ -151,7 +169,7 @@ def run_jobs(
                 job.error = error
         finished = [job for job in active if job.finished]
         if finished:
-            yield _records(finished)
+            yield _records(finished, settings.reward)
         active = [job for job in active if not job.finished]
 
 
@@ -256,6 +274,7 @@ def generate_all(
         console.print("all samples are already generated")
         return
     url = settings.sandbox_url or os.environ.get("CTPO_SANDBOX_URL")
+    protocol = get_protocol(settings.tir)
     with ExitStack() as stack:
         # The sandbox first: a bad one fails before a model is loaded.
         sandbox = stack.enter_context(sandbox_client(url, console)) if settings.tools else None
@@ -274,9 +293,10 @@ def generate_all(
                         s,
                         ground_truth(row),
                         ToolLoop(
-                            eval_messages(row, settings.tools, settings.prompt_as_is),
+                            eval_messages(row, protocol if settings.tools else None, settings.prompt_as_is),
                             settings.max_turns,
                             settings.max_tokens,
+                            protocol,
                             settings.tools,
                         ),
                     )
@@ -301,6 +321,9 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
         raise ConfigError(f"--n must be >= 1 (got {settings.n})")
     if not settings.benchmarks:
         raise ConfigError("--benchmarks is empty")
+    get_protocol(settings.tir)  # an unknown --tir or --reward fails here, before anything is written
+    if settings.reward not in REWARDS:
+        raise ConfigError(f"unknown --reward {settings.reward!r}; choose one of {', '.join(REWARDS)}")
     out = settings.out or default_out(settings.model)
     names = {b: Path(b).stem if is_path(b) else b for b in settings.benchmarks}
     if len(set(names.values())) < len(settings.benchmarks):
@@ -317,13 +340,15 @@ def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataF
         frames = {names[b]: load_benchmark(b, settings.data_dir) for b in settings.benchmarks}
         backend = resolve_backend(settings)
         check_resume(out, settings)
-    title = f"{model_label(settings.model)}: avg@{settings.n}" + ("" if settings.tools else " (no tools)")
+    title = f"{model_label(settings.model)}: avg@{settings.n}, {settings.reward} reward" + (
+        f" (tool protocol {settings.tir})" if settings.tools else " (no tools)"
+    )
     run_name = f"eval-{model_label(settings.model)}"
     with mlflow_run(
         "ctpo-eval", run_name, mlflow_params(settings, backend, out), {"git_commit": git_commit()}
     ) as run_id:
         if frames is None:
-            records = rescore(stores, settings.n)
+            records = rescore(stores, settings.n, settings.reward)
         else:
             console.print(f"[bold]eval:[/] {settings.model} ({backend}) -> {out}")
             generate_all(settings, frames, stores, backend, console)
@@ -358,7 +383,7 @@ def saved_records(
     return [saved[(pid, s)] for pid in frame["id"] for s in range(n) if (pid, s) in saved]
 
 
-def rescore(stores: dict[str, GenerationStore], n: int) -> dict[str, list[dict[str, Any]]]:
+def rescore(stores: dict[str, GenerationStore], n: int, reward: str) -> dict[str, list[dict[str, Any]]]:
     """Re-check every saved sample with the current scorer and rewrite its file (no model needed);
     returns samples 0..n-1 for the summary."""
     records = {}
@@ -367,10 +392,18 @@ def rescore(stores: dict[str, GenerationStore], n: int) -> dict[str, list[dict[s
         if not saved:
             continue
         texts = [join_turns(turn["text"] for turn in r["turns"]) for r in saved]
-        verdicts = score_batch(texts, [r["ground_truth"] for r in saved])
-        for record, text, verdict in zip(saved, texts, verdicts, strict=True):
+        whole = [
+            whole_response((turn["text"], (turn.get("tool") or {}).get("content")) for turn in r["turns"])
+            for r in saved
+        ]
+        truths = [r["ground_truth"] for r in saved]
+        authors = score_batch(whole, truths, rule=AUTHORS)
+        strict = score_batch(texts, truths, rule=STRICT)
+        for record, text, verdict, verdict_strict in zip(saved, texts, authors, strict, strict=True):
             record["answer"] = extract_boxed(text)
-            record["correct"] = verdict and record["error"] is None
+            record["correct_authors"] = verdict and record["error"] is None
+            record["correct_strict"] = verdict_strict and record["error"] is None
+            record["correct"] = record[f"correct_{reward}"]
         store.rewrite(saved)
         records[name] = [r for r in saved if r["sample"] < n]
     if not records:

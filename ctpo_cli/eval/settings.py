@@ -16,7 +16,17 @@ SUMMARY_FILE, SUMMARY_MD, PER_PROBLEM_FILE, CONFIG_FILE = (
     "eval_config.json",
 )
 GENERATIONS_DIR = "generations"
-RESUME_KEYS = ("model", "temperature", "top_p", "max_turns", "max_tokens", "tools", "seed", "prompt_as_is")
+RESUME_KEYS = (
+    "model",
+    "temperature",
+    "top_p",
+    "max_turns",
+    "max_tokens",
+    "tools",
+    "tir",
+    "seed",
+    "prompt_as_is",
+)
 """Settings that must match for a rerun to add samples to an existing output directory."""
 
 
@@ -32,6 +42,8 @@ class EvalSettings:
     max_turns: int = 5
     max_tokens: int = 8000
     tools: bool = True
+    tir: str = "authors"  # tool protocol (ctpo_cli.tir.protocol.TIR_PROTOCOLS): the authors' run, or ctpo
+    reward: str = "authors"  # the headline reward (avg@k, CI, pass@k); both are always reported
     backend: str = "auto"
     out: Path | None = None
     base_url: str | None = None

@@ -35,6 +35,7 @@ def evaluate_heldout(
         max_tokens=config.rl.max_new_tokens,
         tools=False,
         prompt_as_is=True,  # the prompts the policy was trained on, no system prompt
+        reward="strict",  # the reward the local engine trains with
         backend="hf",
         out=out,
         seed=seed,

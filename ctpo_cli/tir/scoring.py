@@ -1,4 +1,12 @@
-"""Answer checking: the final ``\\boxed{}`` of a response against the ground truth, with math-verify.
+"""Answer checking under two named rewards (``REWARDS``; ``ctpo.reward`` in an experiment):
+
+``authors`` (the default: the authors' released run)
+    correct if any of verl's ``math_reward``, ``math_dapo`` or ``math_verify`` accepts the whole response,
+    tool output included (:mod:`ctpo_cli.tir.authors_reward`).
+``strict`` (this project's)
+    the final ``\\boxed{}`` of the assistant text only, checked with math-verify (below).
+
+Both run in the same pool of worker processes.
 
 Why a process pool: math-verify enforces its parsing/verification timeouts with SIGALRM, which only
 works in a process's main thread. Called from a worker thread (as the authors' release does) the
@@ -41,6 +49,16 @@ from functools import lru_cache
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+AUTHORS = "authors"
+STRICT = "strict"
+REWARDS = (AUTHORS, STRICT)
+"""The reward rules by name; ``authors`` reproduces the paper's runs."""
+REWARD_SUMMARIES = {
+    AUTHORS: "the authors' released run: correct if any of verl's math_reward, math_dapo or math_verify "
+    "accepts the whole response, tool output included",
+    STRICT: "ctpo's: the final \\boxed{} of the assistant text, tool output excluded, under math-verify",
+}
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds one answer may take in a worker (enforced by the parent) before it is judged wrong."""
@@ -117,9 +135,18 @@ def verify_here(response_text: str, ground_truth: Any, timeout: int = 3) -> bool
     return answer is not None and _verify(_gold_answer(ground_truth), answer, timeout, parse_gold=_parse)
 
 
+def _judge(rule: str, gold: str, text: str, timeout: int) -> bool:
+    """One verdict in a worker: ``strict`` compares an extracted answer, ``authors`` a whole response."""
+    if rule == AUTHORS:
+        from ctpo_cli.tir import authors_reward
+
+        return authors_reward.accepts(text, gold)
+    return _verify(gold, text, timeout)
+
+
 def _serve(fd: int) -> None:
-    """Worker loop on socket ``fd``: receive ``([(gold, answer), ...], timeout)`` and send one bool per
-    pair as soon as it is known; ``None`` ends it."""
+    """Worker loop on socket ``fd``: receive ``([(rule, gold, text), ...], timeout)`` and send one bool
+    per item as soon as it is known; ``None`` ends it."""
     import logging
     import signal
 
@@ -133,9 +160,9 @@ def _serve(fd: int) -> None:
         if task is None:
             return
         pairs, timeout = task
-        for gold, answer in pairs:  # one verdict at a time: the parent times each answer
+        for rule, gold, text in pairs:  # one verdict at a time: the parent times each answer
             try:
-                conn.send(_verify(gold, answer, timeout))
+                conn.send(_judge(rule, gold, text, timeout))
             except Exception:
                 conn.send(False)
 
@@ -200,9 +227,9 @@ class ScoringPool:
 
     def check(self, gold: str, answer: str, timeout: float) -> bool:
         """math-verify's verdict for one extracted answer; False when it misses ``timeout`` seconds."""
-        return self._run(((gold, answer),), timeout)[0]
+        return self._run(((STRICT, gold, answer),), timeout)[0]
 
-    def _run(self, pairs: Sequence[tuple[str, str]], timeout: float) -> list[bool]:
+    def _run(self, pairs: Sequence[tuple[str, str, str]], timeout: float) -> list[bool]:
         """Verdicts for ``pairs`` from one borrowed worker, each due ``timeout`` s after the previous.
 
         A worker that misses a deadline (or dies) is killed and replaced, that answer is judged wrong,
@@ -235,9 +262,11 @@ class ScoringPool:
         """Process ids of the idle workers."""
         return [worker.process.pid for worker in list(self._idle.queue)]
 
-    def map(self, golds: Sequence[str], answers: Sequence[str], timeout: float) -> list[bool]:
-        """Verdicts for many pairs: chunks of up to 32 sent to the workers in parallel."""
-        pairs = list(zip(golds, answers, strict=True))
+    def map(
+        self, golds: Sequence[str], answers: Sequence[str], timeout: float, rule: str = STRICT
+    ) -> list[bool]:
+        """Verdicts for many pairs under ``rule``: chunks of up to 32 sent to the workers in parallel."""
+        pairs = [(rule, gold, answer) for gold, answer in zip(golds, answers, strict=True)]
         size = max(1, min(32, math.ceil(len(pairs) / (4 * self.size))))
         chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
         return [v for chunk in self._threads.map(lambda c: self._run(c, timeout), chunks) for v in chunk]
@@ -302,13 +331,21 @@ def score_batch(
     ground_truths: Sequence[Any],
     timeout: float = DEFAULT_TIMEOUT,
     pool: ScoringPool | None = None,
+    rule: str = STRICT,
 ) -> list[bool]:
-    """``is_correct`` for each pair, spread over the workers (order preserved).
+    """The verdict of ``rule`` for each pair, spread over the workers (order preserved).
 
-    ``pool`` defaults to the module's warm pool (``get_pool()``).
+    ``strict``: ``is_correct`` (``responses`` are assistant text); ``authors``: the authors' reward
+    (``responses`` are whole responses, tool output included). ``pool`` defaults to the module's warm
+    pool (``get_pool()``).
     """
     if len(responses) != len(ground_truths):
         raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    if rule not in REWARDS:
+        raise ValueError(f"unknown reward {rule!r}; choose one of {', '.join(REWARDS)}")
+    if rule == AUTHORS:
+        golds = [str(truth).strip() for truth in ground_truths]
+        return (pool or get_pool()).map(golds, list(responses), timeout, rule=AUTHORS)
     answers = [extract_boxed(text) for text in responses]
     golds = [_gold_answer(truth) for truth in ground_truths]
     results = [False] * len(responses)

@@ -2,9 +2,13 @@
 
 An experiment is a stack of YAML files under ``experiments/`` (see ``experiments/base.yaml``)::
 
-    base.yaml -> method/<method>.yaml -> model/<preset>.yaml -> each -e FILE -> --seed -> key=value ...
+    base.yaml -> tir/<ctpo.tir>.yaml -> reward/<ctpo.reward>.yaml -> method/<method>.yaml
+      -> model/<preset>.yaml -> each -e FILE -> --seed -> key=value ...
 
-merged with OmegaConf, later layers winning. The ``ctpo:`` section holds the launcher's settings and the
+merged with OmegaConf, later layers winning. The tool protocol and reward files are chosen by
+``ctpo.tir`` and ``ctpo.reward`` as every other layer sets them (default ``authors``, the authors'
+released run), so ``ctpo.tir=ctpo`` on the command line selects ``tir/ctpo.yaml`` and the files and
+overrides after it still win over it. The ``ctpo:`` section holds the launcher's settings and the
 loss fields verl's schema lacks (:class:`CtpoSection`, checked strictly); every other key is verl's own
 (``verl/trainer/config/ppo_trainer.yaml``). :func:`build_job` turns the composed experiment into the
 ``key=value`` overrides of ``python -m verl.trainer.main_ppo``, composes verl's own Hydra config with
@@ -47,6 +51,8 @@ EXPERIMENTS_DIR = experiments.directory()
 BASE_FILE = "base.yaml"
 METHOD_DIR = "method"
 MODEL_DIR = "model"
+TIR_DIR = "tir"
+REWARD_DIR = "reward"
 DEFAULT_MODEL = "Qwen3-14B"
 """The paper's larger model (docs/method.md), the default of ``ctpo train`` on verl."""
 
@@ -80,6 +86,10 @@ class CtpoSection:
     dataset_dir: str = ""
     resume_step: int = 0
     """Filled in by ``ctpo train --resume``: the step of the verl checkpoint the run continues from."""
+    tir: str = "authors"
+    """Tool protocol (``experiments/tir/<tir>.yaml``, ``ctpo_cli.tir.protocol.TIR_PROTOCOLS``)."""
+    reward: str = "authors"
+    """Reward rule (``experiments/reward/<reward>.yaml``, ``ctpo_cli.tir.scoring.REWARDS``)."""
     platform: str = "cuda"
     """Where verl runs: ``cuda`` (GPUs, vLLM rollout) or ``cpu`` (ctpo's CPU platform and transformers
     rollout, ``ctpo_cli.train.verl.cpu``; set by the ``tiny-cpu`` preset)."""
@@ -151,7 +161,6 @@ def compose_experiment(
     get_method(method)
     plain, passthrough = _split_overrides(overrides)
     layers = [
-        _file_layer(experiments_dir / BASE_FILE, experiments_dir),
         _file_layer(_method_file(method, experiments_dir), experiments_dir),
         _model_layer(model or DEFAULT_MODEL, experiments_dir),
         *(_file_layer(Path(f), experiments_dir) for f in files),
@@ -162,12 +171,26 @@ def compose_experiment(
         layers.append(Layer("--resume", OmegaConf.create({"ctpo": {"resume_step": resume_step}})))
     if plain:
         layers.append(Layer("command line", _dotlist(plain)))
-    merged, sources = _merge(layers)
+    base = _file_layer(experiments_dir / BASE_FILE, experiments_dir)
+    chosen, _ = _merge([base, *layers])
+    merged, sources = _merge([base, *_choice_layers(chosen.ctpo, experiments_dir), *layers])
     _name_run(merged, Path(runs_dir), experiments_dir, run_name)
     ctpo, verl = _resolve(merged)
     _check_method(ctpo, method, verl, sources)
     files_used = tuple(Path(s) for s in dict.fromkeys(sources.values()) if s.endswith((".yaml", ".yml")))
     return Experiment(ctpo, verl, sources, files_used, tuple(passthrough))
+
+
+def _choice_layers(ctpo: DictConfig, experiments_dir: Path) -> list[Layer]:
+    """The tool-protocol and reward files that ``ctpo.tir`` and ``ctpo.reward`` name."""
+    layers = []
+    for key, folder in (("tir", TIR_DIR), ("reward", REWARD_DIR)):
+        name = str(ctpo[key])
+        choices = sorted(p.stem for p in (experiments_dir / folder).glob("*.yaml"))
+        if name not in choices:
+            raise ConfigError(f"ctpo.{key} is {name!r}; choose one of {', '.join(choices)}")
+        layers.append(_file_layer(experiments_dir / folder / f"{name}.yaml", experiments_dir))
+    return layers
 
 
 def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -40,6 +40,8 @@ from rich.console import Console
 from ctpo_cli.algo.diagnostics import discard_positions_after
 from ctpo_cli.errors import BackendUnavailable, ConfigError, InputFileError
 from ctpo_cli.runs import rundir, tracking
+from ctpo_cli.tir.protocol import get_protocol
+from ctpo_cli.tir.scoring import REWARD_SUMMARIES
 from ctpo_cli.train import synthetic
 from ctpo_cli.train.experiments import (
     DATA_PATH_KEYS,
@@ -81,6 +83,7 @@ def train_verl(
     dry_run: bool = False,
     sandbox_url: str | None = None,
     resume: bool = False,
+    explain: bool = False,
 ) -> Path | None:
     """Compose, validate and (unless ``dry_run``) launch a verl training run; returns its run directory.
 
@@ -89,7 +92,8 @@ def train_verl(
     ``auto``) loads the checkpoint and goes on with the next step, e.g. to a larger
     ``trainer.total_training_steps``.
 
-    ``dry_run`` prints verl's composed config and the exact command, and launches nothing. Without GPUs
+    ``dry_run`` prints verl's composed config and the exact command, and launches nothing; with
+    ``explain`` also the reproduction manifest (``ctpo_cli.train.manifest``). Without GPUs
     or verl a real launch stops at once with one line naming ``--backend local`` and ``--dry-run``.
     Raises TrainingFailed when verl exits with an error (after recording the run as failed).
     """
@@ -113,6 +117,10 @@ def train_verl(
     job = build_job(experiment)
     if dry_run:
         print_dry_run(job, sandbox_url or experiment.ctpo.sandbox.url)
+        if explain:
+            from ctpo_cli.train.manifest import print_explain
+
+            print_explain(job)
         return None
     synthetic.prepare(experiment.ctpo.synthetic, experiment.ctpo.seed, Path(runs_dir), Console())
     missing = missing_data_files(experiment)
@@ -206,6 +214,8 @@ def print_dry_run(job: VerlJob, sandbox_url: str | None) -> None:
     experiment = job.experiment
     sources = ", ".join(str(f) for f in experiment.files)
     print(f"# verl config composed from {sources} and the command line (python -m verl.trainer.main_ppo)")
+    print(f"# tool protocol ctpo.tir={experiment.ctpo.tir}: {get_protocol(experiment.ctpo.tir).summary}")
+    print(f"# reward ctpo.reward={experiment.ctpo.reward}: {REWARD_SUMMARIES[experiment.ctpo.reward]}")
     print(OmegaConf.to_yaml(job.config, resolve=True))
     env = launch_env(
         experiment.run_dir, sandbox_url or "<sandbox started by ctpo train>", "<created by ctpo train>"

@@ -583,7 +583,7 @@ def test_log_weight_clamped_at_10(name: str, config: dict[str, float]) -> None:
     else:  # R = e^12 at both tokens
         assert float(loss) == pytest.approx(-math.exp(10.0), rel=1e-12)
         assert grad.tolist() == [[0.0, 0.0, 0.0]]
-    assert float(metrics["ctpo/is_weight_max"]) == pytest.approx(math.exp(10.0), rel=1e-12)
+    assert float(metrics["ctpo/is_weight_microbatch_peak"]) == pytest.approx(math.exp(10.0), rel=1e-12)
 
 
 def test_log_ratio_clamped_at_20() -> None:

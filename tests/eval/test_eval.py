@@ -182,6 +182,7 @@ def settings(model: Path, bench: Path, out: Path, **changes: Any) -> EvalSetting
         temperature=0.1,
         max_turns=3,
         max_tokens=200,
+        tir="ctpo",  # the tiny model was trained on the ctpo protocol (```python blocks, ```output messages)
         backend="hf",
         out=out,
     )
@@ -222,8 +223,9 @@ def test_eval_with_tools_end_to_end(
     for record in by_problem["p0"]:
         assert record["tool_calls"] == 1 and record["tool_errors"] == 0 and record["num_turns"] == 2
         assert record["turns"][0]["tool"]["content"] == "```output\n42\n```"  # printed by the sandbox
-        assert record["answer"] == "42" and record["correct"] is True
-    assert all(r["answer"] == "1024" and r["correct"] for r in by_problem["p1"])
+        assert record["answer"] == "42" and record["correct"] is record["correct_strict"] is True
+        assert record["correct_authors"] is True
+    assert all(r["answer"] == "1024" and r["correct"] and r["correct_strict"] for r in by_problem["p1"])
     assert all(r["tool_calls"] == 0 and r["answer"] == "8" and not r["correct"] for r in by_problem["p2"])
 
     row = summary.set_index("benchmark").loc["tiny"]
@@ -258,7 +260,9 @@ def test_eval_with_tools_end_to_end(
     assert csv["avg_at_k"].tolist() == pytest.approx([2 / 3])
     per_problem = pd.read_csv(out / "per_problem.csv")
     assert per_problem["n_correct"].tolist() == [2, 2, 0]
-    assert "| tiny | 3 | 6 | 66.7 ± 33.3 |" in (out / "summary.md").read_text()
+    markdown = (out / "summary.md").read_text()
+    assert "| tiny | 3 | 6 | 66.7 ± 33.3 | [1.3, 100.0] | 66.7 ± 33.3 | 66.7 ± 33.3 |" in markdown
+    assert "| avg@k % | 95% CI | authors % | strict % |" in markdown
 
     runs = mlflow_runs(workdir)
     assert len(runs) == 1 and runs.loc[0, "status"] == "FINISHED"
@@ -529,6 +533,8 @@ def fake_record(pid: str, sample: int, correct: bool, calls: int = 0, errors: in
         "sample": sample,
         "ground_truth": "1",
         "correct": correct,
+        "correct_authors": correct,
+        "correct_strict": correct and sample > 0,
         "num_turns": calls + 1,
         "tool_calls": calls,
         "tool_errors": errors,
@@ -552,6 +558,7 @@ def test_summary_over_benchmarks() -> None:
     rows = summary.set_index("benchmark")
     assert list(summary["benchmark"]) == ["a", "b", "average"]
     assert rows.loc["a", "avg_at_k"] == pytest.approx(0.5)
+    assert rows.loc["a", "avg_at_k_strict"] == pytest.approx((1 / 4 + 3 / 4 + 0) / 3)  # sample 0 not strict
     assert rows.loc["a", "stderr"] == pytest.approx(statistics.stdev([0.5, 1.0, 0.0]) / math.sqrt(3))
     assert rows.loc["a", "pass_at_2"] == pytest.approx((1 - 1 / 6 + 1 + 0) / 3)
     assert rows.loc["a", "pass_at_4"] == pytest.approx(2 / 3)

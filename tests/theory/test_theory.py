@@ -498,6 +498,7 @@ def test_cli_json_reports_table_1() -> None:
     assert rows["cumulative"]["unbiased_measured"] and rows["full"]["unbiased_measured"]
     assert not rows["token"]["unbiased_measured"] and not rows["geometric"]["unbiased_measured"]
     assert report["cumulative_variance_below_full_on_seeds"] == 3
+    assert report["cumulative_ratio_variance_below_full_at_every_position_on_seeds"] == 3
     assert len(rows["full"]["variance"]) == 3
 
 
@@ -542,3 +543,37 @@ def test_cli_turns_bad_input_into_one_red_line() -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--monte-carlo" in lines[0]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ratio_variance_per_position_is_the_papers_claim(shared: bool) -> None:
+    """Var_mu(w_t), checked against a loop over the sequences: the cumulative ratio's variance grows with
+    t and meets the full ratio's at t = T, on every seed, with or without shared parameters (and with
+    the outcome advantage, under which the whole-gradient ordering fails on some seeds)."""
+    problem = th.exact_problem(3, 4, 0.4, 1, shared)
+    variances = th.ratio_variances(problem)
+    sequences = th.all_sequences(3, 4)
+    data = th.rollouts(problem, sequences)
+    mu = np.exp(data.behaviour_log_prob.sum(axis=1))
+    for t in range(4):
+        rho = np.array([math.exp(sum(row[: t + 1])) for row in data.log_ratio])
+        assert variances["cumulative"][t] == pytest.approx(float(mu @ (rho - 1.0) ** 2), rel=1e-10)
+    full = float(mu @ (np.exp(data.log_ratio.sum(axis=1)) - 1.0) ** 2)
+    assert np.allclose(variances["full"], full) and variances["cumulative"][-1] == pytest.approx(full)
+    assert (np.diff(variances["cumulative"]) > 0).all()
+    study = th.run_exact_study(3, 6, 0.3, seeds=32, advantage="outcome", shared_parameters=True)
+    assert study.ratio_below_full() == 32 and study.cumulative_below_full() < 32
+
+
+def test_readme_theory_claims_are_what_the_commands_compute() -> None:
+    """README: `ctpo theory --shared-parameters --seeds 32` (default advantage and `--advantage outcome`)."""
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    q = th.run_exact_study(3, 6, 0.3, seeds=32, advantage="q", shared_parameters=True)
+    outcome = th.run_exact_study(3, 6, 0.3, seeds=32, advantage="outcome", shared_parameters=True)
+    assert (q.ratio_below_full(), q.cumulative_below_full()) == (32, 32)
+    assert (outcome.ratio_below_full(), outcome.cumulative_below_full()) == (32, 23)
+    assert "both orderings hold on 32/32 seeds" in readme
+    assert (
+        "still holds on 32/32 seeds but the whole-gradient ordering holds on 23/32 only (it fails on 9)"
+        in readme
+    )

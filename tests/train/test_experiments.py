@@ -80,12 +80,8 @@ def test_the_paper_setup_reaches_verl(jobs: dict[tuple[str, str], VerlJob]) -> N
     assert cfg.algorithm.use_kl_in_reward is False and cfg.algorithm.adv_estimator == "grpo"
     assert (cfg.data.max_prompt_length, cfg.data.max_response_length) == (16000, 8000)
     assert rollout.multi_turn.enable and rollout.multi_turn.max_assistant_turns == 5
-    assert (
-        rollout.multi_turn.format == "ctpo_python_block"
-        and rollout.name == "vllm"
-        and rollout.mode == "async"
-    )
-    assert rollout.agent.default_agent_loop == "ctpo_python_agent"
+    assert rollout.multi_turn.format == "ctpo_authors" and rollout.name == "vllm" and rollout.mode == "async"
+    assert rollout.agent.default_agent_loop == "ctpo_authors_agent"
     assert cfg.data.apply_chat_template_kwargs.enable_thinking is False
     val = rollout.val_kwargs
     assert (val.n, val.temperature, val.top_p, val.do_sample) == (32, 0.7, 1.0, True)
@@ -93,17 +89,59 @@ def test_the_paper_setup_reaches_verl(jobs: dict[tuple[str, str], VerlJob]) -> N
     assert (cfg.trainer.n_gpus_per_node, cfg.trainer.nnodes) == (8, 1)
     assert cfg.actor_rollout_ref.model.path == "Qwen/Qwen3-14B"
     assert Path(cfg.data.train_files).name == "deepscaler_train.parquet"
-    assert [Path(f).name for f in cfg.data.val_files] == [
-        "aime25.parquet",
-        "aime26.parquet",
-        "hmmt_nov_2025.parquet",
-        "brumo_2025.parquet",
-    ]
+    assert [Path(f).name for f in cfg.data.val_files] == ["aime25.parquet", "aime26.parquet"]
     assert cfg.reward.custom_reward_function.path == "pkg://ctpo_cli.train.verl.reward"
     assert "mlflow" in cfg.trainer.logger
     assert cfg.trainer.project_name == "ctpo-verl-Qwen3-14B"
     assert cfg.trainer.experiment_name == job.experiment.ctpo.run_name
     assert job.experiment.ctpo.run_name.startswith("ctpo-Qwen3-14B-s0-")
+
+
+def test_the_authors_run_is_the_default_for_every_method_and_preset(
+    jobs: dict[tuple[str, str], VerlJob],
+) -> None:
+    """The authors' ctpo.sh: sequence-level rollout IS at 5.0, their tool protocol (256-character tool
+    messages, 30 s) and reward, their validation and checkpoint cadence, their memory settings."""
+    from ctpo_cli.train.verl.tools import CodeInterpreterTool
+
+    for (method, preset), job in jobs.items():
+        cfg = job.config
+        correction = cfg.algorithm.rollout_correction
+        assert (correction.rollout_is, correction.rollout_is_threshold) == ("sequence", 5.0), (method, preset)
+        assert correction.rollout_is_batch_normalize is False
+        assert cfg.reward.custom_reward_function.name == "authors_score"
+        multi_turn = cfg.actor_rollout_ref.rollout.multi_turn
+        if preset == "tiny-cpu":  # the tiny warm start speaks the ctpo protocol (its preset says why)
+            assert job.experiment.ctpo.tir == "ctpo" and multi_turn.format == "ctpo_python_block"
+            continue
+        assert cfg.trainer.val_before_train is False
+        assert job.experiment.ctpo.tir == "authors" and multi_turn.max_tool_response_length == 256
+        assert multi_turn.tool_response_truncate_side == "middle" and multi_turn.format == "ctpo_authors"
+        assert Path(multi_turn.tool_config_path).name == "tools-authors.yaml"
+        assert CodeInterpreterTool.protocol.run_timeout == 30.0
+        assert cfg.trainer.save_freq == (20 if preset != "qwen3-0.6b-1gpu" else -1)
+    for preset in ("Qwen3-14B", "Qwen3-4B"):
+        actor = jobs["ctpo", preset].config.actor_rollout_ref.actor
+        assert actor.fsdp_config.param_offload and actor.fsdp_config.optimizer_offload
+        assert (actor.use_dynamic_bsz, actor.ppo_micro_batch_size_per_gpu) == (False, 1)
+
+
+def test_our_protocol_and_reward_are_named_alternatives(tmp_path: Path) -> None:
+    job = build_job(
+        compose_experiment(
+            "ctpo", "Qwen3-4B", overrides=["ctpo.tir=ctpo", "ctpo.reward=strict"], runs_dir=tmp_path
+        )
+    )
+    rollout = job.config.actor_rollout_ref.rollout
+    assert (
+        rollout.multi_turn.format == "ctpo_python_block"
+        and rollout.agent.default_agent_loop == "ctpo_python_agent"
+    )
+    assert rollout.multi_turn.max_tool_response_length == 4096
+    assert job.config.reward.custom_reward_function.name == "strict_score"
+    assert job.experiment.sources["reward.custom_reward_function.name"].endswith("reward/strict.yaml")
+    with pytest.raises(ValueError, match=r"ctpo\.tir is .simpletir.; choose one of authors, ctpo"):
+        compose_experiment("ctpo", "Qwen3-4B", overrides=["ctpo.tir=simpletir"], runs_dir=tmp_path)
 
 
 def test_method_hyperparameters(jobs: dict[tuple[str, str], VerlJob]) -> None:

@@ -1,6 +1,6 @@
-"""The verl reward function: correct from many threads at once (the authors' release scored some
+"""The verl reward functions: correct from many threads at once (the authors' release scored some
 correct answers 0 in threads: math-verify's SIGALRM timeout fails off the main thread), and loaded the
-way verl loads it."""
+way verl loads them; the authors' rule reads the whole response, the strict one the assistant text."""
 
 from __future__ import annotations
 
@@ -8,21 +8,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 from omegaconf import OmegaConf
 
-from ctpo_cli.train.verl.reward import assistant_text, compute_score
+from ctpo_cli.train.verl.reward import assistant_text, authors_score, strict_score
 
 TOOL_TURN = "<tool_response>\n```output\n\\boxed{7}\n```\n</tool_response>"
 
+# (response, ground truth, strict reward, authors' reward)
 CASES = [
-    ("The answer is \\boxed{025}.", "25", 1.0),  # leading zero: 0 in the authors' threaded scorer
-    ("So \\boxed{8.50}", "8.5", 1.0),
-    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
-    ("First \\boxed{3}, finally \\boxed{5}", "5", 1.0),  # the final box counts
-    ("First \\boxed{5}, finally \\boxed{3}", "5", 0.0),
-    ("\\boxed{24}", "25", 0.0),
-    ("no boxed answer: 25", "25", 0.0),
-    (f"```python\nprint(7)\n```\n{TOOL_TURN}\nSo \\boxed{{6}}", "6", 1.0),
-    (f"```python\nprint(7)\n```\n{TOOL_TURN}\nSo \\boxed{{6}}", "7", 0.0),  # tool output is not an answer
-    (f"```python\nprint(7)\n```\n{TOOL_TURN}", "7", 0.0),
+    ("The answer is \\boxed{025}.", "25", 1.0, 1.0),  # leading zero: 0 in the authors' threaded scorer
+    ("So \\boxed{8.50}", "8.5", 1.0, 1.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0, 1.0),
+    ("First \\boxed{3}, finally \\boxed{5}", "5", 1.0, 1.0),  # the final box counts
+    ("First \\boxed{5}, finally \\boxed{3}", "5", 0.0, 0.0),
+    ("\\boxed{24}", "25", 0.0, 0.0),
+    ("no boxed answer: 25", "25", 0.0, 1.0),  # math_verify reads the last number of the whole text
+    ("Answer: 25", "25", 0.0, 1.0),  # math_dapo's Minerva format
+    (f"```python\nprint(7)\n```\n{TOOL_TURN}\nSo \\boxed{{6}}", "6", 1.0, 1.0),
+    (f"```python\nprint(7)\n```\n{TOOL_TURN}\nSo \\boxed{{6}}", "7", 0.0, 0.0),  # the final box wins
+    (f"```python\nprint(7)\n```\n{TOOL_TURN}", "7", 0.0, 1.0),  # the tool's box counts for theirs
 ]
 
 
@@ -34,13 +36,12 @@ def test_tool_messages_are_not_part_of_the_answer() -> None:
 def test_correct_from_many_threads_at_once() -> None:
     cases = CASES * 6
     with ThreadPoolExecutor(max_workers=12) as pool:
-        scores = list(
-            pool.map(
-                lambda case: compute_score("math-ai/aime25", case[0], case[1], extra_info={"num_turns": 2}),
-                cases,
-            )
+        strict = list(
+            pool.map(lambda case: strict_score("math-ai/aime25", case[0], case[1], extra_info={}), cases)
         )
-    assert scores == [expected for _, _, expected in cases]
+        authors = list(pool.map(lambda case: authors_score("math-ai/aime25", case[0], case[1]), cases))
+    assert strict == [case[2] for case in cases]
+    assert authors == [case[3] for case in cases]
 
 
 def test_verl_loads_and_calls_it_as_configured() -> None:
@@ -52,7 +53,7 @@ def test_verl_loads_and_calls_it_as_configured() -> None:
             "reward": {
                 "custom_reward_function": {
                     "path": "pkg://ctpo_cli.train.verl.reward",
-                    "name": "compute_score",
+                    "name": "strict_score",
                 }
             }
         }
