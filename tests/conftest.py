@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 RunCtpo = Callable[..., subprocess.CompletedProcess[str]]
+ServeApp = Callable[[Any], str]
 
 
 @pytest.fixture
@@ -41,3 +44,26 @@ def run_ctpo() -> RunCtpo:
         )
 
     return run
+
+
+@pytest.fixture
+def serve_app() -> Iterator[ServeApp]:
+    """``serve_app(asgi_app)`` serves the app on 127.0.0.1 (a free port) in a uvicorn thread until the test
+    ends, and returns its URL: a real HTTP server for a client under test."""
+    import uvicorn
+
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def serve(api: Any) -> str:
+        server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            thread.join(0.05)
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)

@@ -33,7 +33,10 @@ CASES: list[tuple[list[str], str]] = [
     (["train"], "Missing option '--method'"),
     (["train", "--method", "ppo"], "unknown method 'ppo'; valid methods: grpo, gspo, ctpo"),
     (["train", "--method", "ctpo", "--backend", "tpu"], "unknown backend 'tpu'; valid backends: verl, local"),
-    ([*LOCAL, "--experiment", "x.yaml"], "--experiment, --dry-run and --explain apply to --backend verl only"),
+    (
+        [*LOCAL, "--experiment", "x.yaml"],
+        "--experiment, --dry-run and --explain apply to --backend verl only",
+    ),
     ([*LOCAL, "--dry-run"], "--experiment, --dry-run and --explain apply to --backend verl only"),
     ([*LOCAL, "--explain"], "--experiment, --dry-run and --explain apply to --backend verl only"),
     ([*VERL, "ctpo.tir=react"], "ctpo.tir is 'react'; choose one of authors, ctpo"),

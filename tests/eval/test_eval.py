@@ -21,6 +21,7 @@ import math
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -377,12 +378,11 @@ def test_latest_checkpoint_is_the_default_model(tiny_model: Path, bench_file: Pa
 
 
 @pytest.fixture
-def completions_server(tiny_model: Path) -> Any:
+def completions_server(tiny_model: Path, serve_app: Callable[[Any], str]) -> Any:
     """A minimal OpenAI-style ``/v1/completions`` server (as ``vllm serve`` offers) over the tiny model,
     written directly against transformers, in a background uvicorn thread."""
     import threading
 
-    import uvicorn
     from fastapi import FastAPI
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -422,15 +422,7 @@ def completions_server(tiny_model: Path) -> Any:
             "usage": {"completion_tokens": len(new)},
         }
 
-    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        thread.join(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", requests
-    server.should_exit = True
-    thread.join(10)
+    return serve_app(api), requests
 
 
 def test_openai_backend_against_a_completions_server(

@@ -4,15 +4,13 @@ directory summarises every benchmark evaluated there."""
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from rich.console import Console
 from tenacity import wait_none
@@ -26,7 +24,7 @@ QUESTIONS = {"p0": ("What is 6 times 7?", "42"), "p1": ("What is 3 plus 4?", "7"
 
 
 @pytest.fixture
-def flaky_server() -> Iterator[tuple[str, Counter[str]]]:
+def flaky_server(serve_app: Callable[[Any], str]) -> tuple[str, Counter[str]]:
     """Answers every problem right, but each (prompt, seed) gets 503 twice before its answer; the
     problem 'Break?' always gets 500."""
     calls: Counter[str] = Counter()
@@ -48,15 +46,7 @@ def flaky_server() -> Iterator[tuple[str, Counter[str]]]:
         answer = next(truth for question, truth in QUESTIONS.values() if question in body["prompt"])
         return {"choices": [{"text": f"\\\\boxed{{{answer}}}", "finish_reason": "stop"}], "usage": {}}
 
-    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        thread.join(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", calls
-    server.should_exit = True
-    thread.join(10)
+    return serve_app(api), calls
 
 
 def benchmark(path: Path, ids: list[str]) -> Path:
