@@ -21,6 +21,7 @@ from typing import Any
 
 from ctpo_cli.algo.losses import METHODS
 from ctpo_cli.errors import ConfigError
+from ctpo_cli.runs import atomic
 
 EXPERIMENT = "ctpo-sweep"
 """The MLflow experiment of sweeps: a parent run per sweep, a child run per cell."""
@@ -191,8 +192,5 @@ def open_child(cell: Cell, state: CellState, parent: str) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
+    """The sweep's state files, written atomically (:mod:`ctpo_cli.runs.atomic`)."""
+    atomic.write_text(path, json.dumps(data, indent=2, sort_keys=True))
