@@ -128,7 +128,9 @@ def test_ctrl_c_leaves_checkpoint_and_killed_run_then_resume(workdir: Path, run_
         MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(info["mlflow_run_id"]).info.status == "KILLED"
     )
     done = torch.load(run / rundir.CHECKPOINT_DIR / "trainer_state.pt", weights_only=False)["step"]
-    assert done >= 2
+    # Ctrl-C may land after step 2 was logged but before it counted as done: then the checkpoint holds
+    # step 1 and the resume drops step 2's line and trains it again.
+    assert done >= 1
 
     result = run_ctpo(
         "train", "--method", "gspo", "--backend", "local", "--resume", f"rl.steps={done + 1}", cwd=workdir
