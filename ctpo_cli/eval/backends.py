@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +28,9 @@ class Backend(Protocol):
     """A model that generates assistant turns for a batch of conversations."""
 
     default_batch_size: int
+    context_window: int | None
+    """Positions of the model (prompt + response) where the backend enforces them; None where the
+    engine or server applies its own limit."""
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | Exception]:
         """One result per request, or the exception that request alone failed with (the sample is
@@ -92,17 +95,39 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(positions)], True) if positions else (text, False)
 
 
+DecodeProgress = Callable[[int, int], None]
+"""Called by a backend at each decoding step of a batch: (tokens decoded so far, the batch's budget)."""
+
+
+class _StepCounter:
+    """A ``generate`` streamer (transformers' ``BaseStreamer`` interface) that reports the decoding step:
+    ``put`` receives the prompt once, then each step's tokens."""
+
+    def __init__(self, budget: int, on_step: DecodeProgress) -> None:
+        self.budget, self.on_step, self.steps = budget, on_step, -1
+
+    def put(self, value: Any) -> None:
+        self.steps += 1
+        self.on_step(self.steps, self.budget)
+
+    def end(self) -> None:
+        self.on_step(self.budget, self.budget)
+
+
 class HFBackend:
     """transformers ``generate`` on CPU or one GPU, a batch of conversations at a time.
 
     Sampling is seeded per batch from its first request's seed (per-request seeds are not possible
     inside one batched ``generate``). Requests of a batch may have different budgets: the batch runs to
-    the largest and each sequence is cut to its own (``finish_reason="length"``).
+    the largest and each sequence is cut to its own (``finish_reason="length"``). No sequence runs past
+    the model's positions (``context_window``, its ``max_position_embeddings``): a budget that would is
+    cut there, as vLLM's ``max_model_len`` does, and a prompt that fills the window gets an empty,
+    ``length``-finished turn. ``on_step`` sees every decoding step (the runner's progress bar).
     """
 
     default_batch_size = 16
 
-    def __init__(self, model: str, sampling: Sampling) -> None:
+    def __init__(self, model: str, sampling: Sampling, on_step: DecodeProgress | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, StoppingCriteriaList, StopStringCriteria
 
@@ -115,7 +140,9 @@ class HFBackend:
         auto: Any = AutoModelForCausalLM  # transformers 5's from_pretrained decorator confuses mypy
         self.model = auto.from_pretrained(model, dtype="auto")
         self.model.to(device).eval()
+        self.context_window: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self.sampling = sampling
+        self.on_step = on_step
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self.stopping = (
@@ -134,7 +161,30 @@ class HFBackend:
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
             self.model.device
         )
-        self.torch.manual_seed(requests[0].seed)
+        room = (
+            [self.context_window - n for n in batch["attention_mask"].sum(dim=1).tolist()]
+            if (self.context_window)
+            else [r.max_new_tokens for r in requests]
+        )
+        budgets = [max(0, min(r.max_new_tokens, free)) for r, free in zip(requests, room, strict=True)]
+        rows: list[list[int]] = [[] for _ in requests]
+        if max(budgets) > 0:
+            rows = self._decode(batch, max(budgets), requests[0].seed)
+        stops_at = self.eos_ids | {tokenizer.pad_token_id}  # pad fills rows a stop string ended
+        results: list[GenerationResult | Exception] = []
+        for budget, row in zip(budgets, rows, strict=True):
+            end = next((i for i, token in enumerate(row) if token in stops_at), len(row))
+            ids = row[: end + 1] if end < len(row) and row[end] in self.eos_ids else row[:end]
+            finish = "stop" if end < len(row) else "length"
+            if len(ids) > budget:
+                ids, finish = ids[:budget], "length"
+            text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), self.sampling.stop)
+            results.append(GenerationResult(text, len(ids), "stop" if stopped else finish))
+        return results
+
+    def _decode(self, batch: Any, budget: int, seed: int) -> list[list[int]]:
+        """The new tokens of every row of ``batch`` (at most ``budget``), sampled under ``seed``."""
+        self.torch.manual_seed(seed)
         sample = self.sampling.temperature > 0
         with self.torch.no_grad():
             output = self.model.generate(
@@ -143,21 +193,13 @@ class HFBackend:
                 temperature=self.sampling.temperature if sample else None,
                 top_p=self.sampling.top_p if sample else None,
                 top_k=None,  # no top-k, whatever the model's generation_config says (Qwen3: 20)
-                max_new_tokens=max(r.max_new_tokens for r in requests),
+                max_new_tokens=budget,
                 stopping_criteria=self.stopping,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=self.chat.tokenizer.pad_token_id,
+                streamer=_StepCounter(budget, self.on_step) if self.on_step else None,
             )
-        stops_at = self.eos_ids | {tokenizer.pad_token_id}  # pad fills rows a stop string ended
-        results: list[GenerationResult | Exception] = []
-        for request, row in zip(requests, output[:, batch["input_ids"].shape[1] :].tolist(), strict=True):
-            end = next((i for i, token in enumerate(row) if token in stops_at), len(row))
-            ids = row[: end + 1] if end < len(row) and row[end] in self.eos_ids else row[:end]
-            finish = "stop" if end < len(row) else "length"
-            if len(ids) > request.max_new_tokens:
-                ids, finish = ids[: request.max_new_tokens], "length"
-            text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), self.sampling.stop)
-            results.append(GenerationResult(text, len(ids), "stop" if stopped else finish))
-        return results
+        rows: list[list[int]] = output[:, batch["input_ids"].shape[1] :].tolist()
+        return rows
 
     def close(self) -> None:
         del self.model
@@ -173,6 +215,7 @@ class VLLMBackend:
         from vllm import LLM, SamplingParams
 
         self.chat = ChatTokenizer.load(model)
+        self.context_window: int | None = None
         self.llm = LLM(model=model, seed=seed, enable_prefix_caching=True)
         self.sampling = sampling
         self.params = SamplingParams
@@ -238,6 +281,7 @@ class OpenAIBackend:
         import httpx
 
         self.chat = ChatTokenizer.load(model)
+        self.context_window: int | None = None
         self.sampling = sampling
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"), timeout=timeout, transport=httpx.HTTPTransport(retries=3)
@@ -326,7 +370,8 @@ def resolve_backend(settings: EvalSettings) -> str:
     return "vllm" if importlib.util.find_spec("vllm") and torch.cuda.is_available() else "hf"
 
 
-def make_backend(settings: EvalSettings, backend: str) -> Backend:
+def make_backend(settings: EvalSettings, backend: str, on_step: DecodeProgress | None = None) -> Backend:
+    """The backend named ``backend``; ``on_step`` follows decoding where the backend can report it (hf)."""
     protocol = get_protocol(settings.tir)
     sampling = (
         Sampling(settings.temperature, settings.top_p, protocol.stop_strings, protocol.tool_schemas)
@@ -334,7 +379,7 @@ def make_backend(settings: EvalSettings, backend: str) -> Backend:
         else Sampling(settings.temperature, settings.top_p, ())
     )
     if backend == "hf":
-        return HFBackend(settings.model, sampling)
+        return HFBackend(settings.model, sampling, on_step)
     if backend == "vllm":
         return VLLMBackend(settings.model, sampling, settings.seed)
     assert settings.base_url

@@ -248,7 +248,7 @@ def _progress(console: Console) -> Progress:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("samples, {task.fields[correct]} correct"),
+        TextColumn("{task.fields[unit]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
@@ -278,14 +278,27 @@ def generate_all(
     with ExitStack() as stack:
         # The sandbox first: a bad one fails before a model is loaded.
         sandbox = stack.enter_context(sandbox_client(url, console)) if settings.tools else None
-        backend = make_backend(settings, backend_name)
+        progress = stack.enter_context(_progress(console))
+        decoding = progress.add_task("  decoding", total=None, visible=False, unit="tokens of this turn")
+
+        def on_step(tokens: int, budget: int) -> None:
+            progress.update(decoding, completed=tokens, total=budget, visible=tokens < budget)
+
+        backend = make_backend(settings, backend_name, on_step)
         stack.callback(backend.close)
+        window = backend.context_window
+        if window is not None and window <= settings.max_tokens:
+            console.print(
+                f"[yellow]the model has {window} positions, fewer than --max-tokens {settings.max_tokens} plus "
+                "a prompt: a sample that reaches the end of its context stops there (finish_reason length)"
+            )
         batch_size = settings.batch_size or backend.default_batch_size
         threads = stack.enter_context(ThreadPoolExecutor(max_workers=16, thread_name_prefix="ctpo-tools"))
-        progress = stack.enter_context(_progress(console))
         for name, pending in todo.items():
             total = len(frames[name]) * settings.n
-            task = progress.add_task(name, total=total, completed=total - len(pending), correct=correct[name])
+            task = progress.add_task(
+                name, total=total, completed=total - len(pending), unit=f"samples, {correct[name]} correct"
+            )
             for start in range(0, len(pending), batch_size):
                 jobs = [
                     _Job(
@@ -305,7 +318,7 @@ def generate_all(
                 for records in run_jobs(jobs, backend, sandbox, settings, threads):
                     stores[name].append(records)
                     correct[name] += sum(r["correct"] for r in records)
-                    progress.update(task, advance=len(records), correct=correct[name])
+                    progress.update(task, advance=len(records), unit=f"samples, {correct[name]} correct")
 
 
 def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataFrame:

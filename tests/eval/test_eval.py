@@ -18,9 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from itertools import combinations
 from pathlib import Path
@@ -28,13 +32,14 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import torch
 from rich.console import Console
 
 from ctpo_cli.errors import BackendUnavailable
 from ctpo_cli.eval import runner
-from ctpo_cli.eval.backends import HFBackend
+from ctpo_cli.eval.backends import ChatTokenizer, GenerationRequest, HFBackend, Sampling
 from ctpo_cli.eval.metrics import pass_at_k, summarize
 from ctpo_cli.eval.runner import resolve_model, run_eval
 from ctpo_cli.eval.settings import EvalSettings
@@ -322,6 +327,85 @@ def test_crash_keeps_finished_samples_and_rerun_resumes(
     ]
     assert all(r["tool_calls"] == 0 for r in records)
     assert summary["n_samples"].tolist() == [6]
+
+
+def test_sigkill_mid_eval_then_rerun(
+    tiny_model: Path, bench_file: Path, tmp_path: Path, run_ctpo: Any
+) -> None:
+    """kill -9 of a ``ctpo eval`` (a real process, its own sandbox service) while it appends samples: the
+    service dies with it, and the same command run again generates only what is missing, so every
+    sample is on disk exactly once, the summary counts each, and the killed MLflow run is marked KILLED."""
+    n = 48
+    command = [
+        *("eval", "--model", str(tiny_model), "--benchmarks", str(bench_file), "--n", str(n)),
+        *("--temperature", "0.1", "--max-turns", "3", "--max-tokens", "200", "--tir", "ctpo"),
+        *("--backend", "hf", "--batch-size", "4", "--out", "out"),
+    ]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("CTPO_SANDBOX_URL", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ctpo_cli.cli", *command],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    path = tmp_path / "out" / "generations" / "tiny.jsonl"
+    deadline, seen = time.monotonic() + 240, 0
+    while time.monotonic() < deadline and process.poll() is None:
+        seen = path.read_bytes().count(b"\n") if path.is_file() else 0
+        if seen >= 8:
+            break
+        time.sleep(0.05)
+    children = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 8 <= seen < 3 * n, f"killed after {seen} of {3 * n} samples: not in the middle"
+    assert children, "the eval started no sandbox service"
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for leftover in alive:
+        leftover.kill()
+    assert not alive, f"processes outlived the killed eval: {[p.pid for p in alive]}"
+
+    before = len(read_jsonl_complete(path))
+    result = run_ctpo(*command, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    keys = [(r["problem_id"], r["sample"]) for r in read_jsonl(path)]
+    assert sorted(keys) == sorted((f"p{i}", s) for i in range(3) for s in range(n))  # each once
+    assert before >= 8
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert summary["n_samples"].tolist() == [3 * n]
+    assert summary["avg_at_k"].tolist() == pytest.approx([2 / 3])  # 2 of the 3 problems, every sample
+    runs = mlflow_runs(tmp_path)
+    assert runs["status"].tolist() == ["KILLED", "FINISHED"]
+
+
+def read_jsonl_complete(path: Path) -> list[dict[str, Any]]:
+    """The records of ``path``'s complete lines (a kill may leave the last one cut)."""
+    data = path.read_text()
+    return [json.loads(line) for line in data[: data.rfind("\n") + 1].splitlines()]
+
+
+def test_the_context_window_bounds_every_turn(tiny_model: Path, tmp_path: Path) -> None:
+    """A budget past the model's positions is cut where they end, and a prompt that fills them gets an
+    empty turn; decoding progress is reported step by step. (Before, the 256-position local model ran
+    greedy decoding to the 8,000-token default, silently, for minutes per batch.)"""
+    short, long = (conversation(problem, [])[:2] for problem, _, _ in (CONVERSATIONS[2], CONVERSATIONS[1]))
+    chat = ChatTokenizer.load(str(tiny_model))
+    lengths = [chat.count_tokens(chat.render(messages)) for messages in (short, long)]
+    window = lengths[0] + 6
+    assert lengths[1] >= window
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": window}))
+    steps: list[tuple[int, int]] = []
+    backend = HFBackend(str(model), Sampling(0.0, 1.0, ()), lambda done, budget: steps.append((done, budget)))
+    assert backend.context_window == window
+    results = backend.generate([GenerationRequest(short, 8000, 0), GenerationRequest(long, 8000, 0)])
+    assert [(r.num_tokens, r.finish_reason) for r in results] == [(6, "length"), (0, "length")]
+    assert results[0].text == "Easy: "  # the memorised answer, cut at the window
+    assert steps == [(i, 6) for i in range(7)] + [(6, 6)]
 
 
 def test_rescore_uses_saved_generations_only(
