@@ -263,13 +263,14 @@ def generate_all(
     console: Console,
 ) -> None:
     """Generate every missing (problem, sample) of every benchmark, appending records as they finish."""
-    todo, correct = {}, {}
+    todo, correct, empty = {}, {}, {}
     for name, frame in frames.items():
         done = {key: r for key, r in stores[name].load().items() if r["error"] is None}
         todo[name] = [
             (row, s) for _, row in frame.iterrows() for s in range(settings.n) if (row["id"], s) not in done
         ]
         correct[name] = sum(r["correct"] for r in saved_records(done, frame, settings.n))
+        empty[name] = 0
     if not any(todo.values()):
         console.print("all samples are already generated")
         return
@@ -318,7 +319,16 @@ def generate_all(
                 for records in run_jobs(jobs, backend, sandbox, settings, threads):
                     stores[name].append(records)
                     correct[name] += sum(r["correct"] for r in records)
+                    empty[name] += sum(r["response_tokens"] == 0 and r["error"] is None for r in records)
                     progress.update(task, advance=len(records), unit=f"samples, {correct[name]} correct")
+    for name, count in empty.items():
+        if count:
+            console.print(
+                f"[yellow]{name}: {count} samples got no token (their prompt fills the model's "
+                f"{window} positions)"
+                if window is not None
+                else f"[yellow]{name}: {count} samples got no token"
+            )
 
 
 def run_eval(settings: EvalSettings, console: Console | None = None) -> pd.DataFrame:

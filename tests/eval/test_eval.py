@@ -386,7 +386,7 @@ def read_jsonl_complete(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data[: data.rfind("\n") + 1].splitlines()]
 
 
-def test_the_context_window_bounds_every_turn(tiny_model: Path, tmp_path: Path) -> None:
+def test_the_context_window_bounds_every_turn(tiny_model: Path, bench_file: Path, workdir: Path) -> None:
     """A budget past the model's positions is cut where they end, and a prompt that fills them gets an
     empty turn; decoding progress is reported step by step. (Before, the 256-position local model ran
     greedy decoding to the 8,000-token default, silently, for minutes per batch.)"""
@@ -395,7 +395,7 @@ def test_the_context_window_bounds_every_turn(tiny_model: Path, tmp_path: Path) 
     lengths = [chat.count_tokens(chat.render(messages)) for messages in (short, long)]
     window = lengths[0] + 6
     assert lengths[1] >= window
-    model = tmp_path / "model"
+    model = workdir / "model"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": window}))
@@ -406,6 +406,14 @@ def test_the_context_window_bounds_every_turn(tiny_model: Path, tmp_path: Path) 
     assert [(r.num_tokens, r.finish_reason) for r in results] == [(6, "length"), (0, "length")]
     assert results[0].text == "Easy: "  # the memorised answer, cut at the window
     assert steps == [(i, 6) for i in range(7)] + [(6, 6)]
+
+    console = Console(width=200, record=True)
+    # The benchmark's prompts as they are: "What is 2 to the power 10?" is the one that fills the window.
+    run_eval(settings(model, bench_file, workdir / "out", tools=False, n=1, prompt_as_is=True), console)
+    assert (
+        f"tiny: 1 samples got no token (their prompt fills the model's {window} positions)"
+        in console.export_text()
+    )
 
 
 def test_rescore_uses_saved_generations_only(
