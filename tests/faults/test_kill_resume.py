@@ -31,9 +31,8 @@ def logged_steps(run: Path) -> list[int]:
 
 def test_sigkill_between_checkpoints_then_resume(tmp_path: Path, run_ctpo: RunCtpo) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    kill_after = (
-        6  # one step after the step-5 checkpoint; the next is at 10, so a late kill still lands between
-    )
+    # One step after the step-5 checkpoint; the next is at 10, so a late kill still lands in between.
+    kill_after = 6
     process = subprocess.Popen(
         [sys.executable, "-m", "ctpo_cli.cli", *TRAIN, "rl.steps=40", "rl.checkpoint_every=5"],
         cwd=tmp_path,
