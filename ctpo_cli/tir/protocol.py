@@ -173,6 +173,52 @@ AUTHORS_RUN_TIMEOUT = 30.0
 AUTHORS_MAX_TIMEOUT = 45.0
 """The most a call may ask for with its ``timeout`` argument (their ``strict_max_timeout``)."""
 
+
+def _blocked(*rules: tuple[str, str]) -> tuple[tuple[re.Pattern[str], str], ...]:
+    return tuple((re.compile(pattern, re.IGNORECASE), reason) for pattern, reason in rules)
+
+
+AUTHORS_BLOCKED_CODE = _blocked(
+    # relaxed
+    (r"\brm\s+-rf\s+/", "shell rm -rf /"),
+    (r"\brm\s+-rf\b", "shell rm -rf"),
+    (r"\bshutil\.(rmtree|move)\s*\(", "shutil destructive op"),
+    (r"\bos\.(remove|unlink|rmdir|removedirs|rename)\s*\(", "os destructive op"),
+    (r"\bpathlib\.Path\([^)]*\)\.(unlink|rmdir|rename)\s*\(", "pathlib destructive op"),
+    (r"\bsubprocess\.(run|Popen|call|check_call|check_output)\s*\(", "subprocess"),
+    (r"\bos\.(system|popen)\s*\(", "os.system / os.popen"),
+    (r"\b(import\s+socket|import\s+requests|import\s+httpx|import\s+urllib)\b", "network access"),
+    (r"\b(curl|wget|nc|ncat)\b", "network shell tool"),
+    (r"\bwhile\s+True\s*:", "infinite loop pattern"),
+    (r"\bpip\s+install\b", "runtime package install"),
+    (r"\bapt(-get)?\s+install\b", "runtime apt install"),
+    # strict only
+    (r"\beval\s*\(", "eval"),
+    (r"\bexec\s*\(", "exec"),
+    (r"\b__import__\s*\(", "__import__"),
+    (r"\bpickle\.loads\s*\(", "pickle.loads"),
+    (r"\bmarshal\.loads\s*\(", "marshal.loads"),
+    (r"\bctypes\b", "ctypes"),
+    (r"\bcffi\b", "cffi"),
+    (r"\bopen\s*\([^)]*,\s*[\"'](w|a|x|wb|ab|xb)[\"']", "file write via open"),
+    (r"\bpathlib\.Path\([^)]*\)\.(write_text|write_bytes|touch)\s*\(", "pathlib write"),
+    (r"\bmultiprocessing\b", "multiprocessing"),
+    (r"\bthreading\b", "threading"),
+    (r"\bos\.environ\b", "environment variable access"),
+)
+"""The authors' tool refuses code that matches one of these patterns (case-insensitive), answering
+``sandbox blocked potentially dangerous code: <reason>`` instead of running it: their
+``LocalSandboxTool._build_dangerous_patterns`` in ``strict`` mode (``block_dangerous_code: true``,
+``safety_mode: strict`` in their tool config), in their order (the first match names the reason).
+It shapes what the model sees, so the ``authors`` protocol reproduces it; ``ctpo`` blocks nothing."""
+
+
+def authors_blocked(code: str) -> str | None:
+    """The authors' tool's answer when ``code`` matches :data:`AUTHORS_BLOCKED_CODE`, else None."""
+    reason = next((reason for pattern, reason in AUTHORS_BLOCKED_CODE if pattern.search(code)), None)
+    return None if reason is None else f"sandbox blocked potentially dangerous code: {reason}"
+
+
 _JSON_CALL = re.compile(
     r'\{\s*"name"\s*:\s*"(?P<name>[^"]+)"\s*,\s*"arguments"\s*:\s*(?P<arguments>\{.*?\})\s*\}', re.DOTALL
 )
@@ -220,8 +266,8 @@ def authors_program(arguments: dict[str, Any]) -> tuple[str | None, float, str]:
 
     The code is cut to 20,000 characters and, when it holds a fenced block, replaced by the block's
     content; the timeout is the call's ``timeout`` (default 30 s) clamped to [1, 45] s; a language
-    other than Python is refused with their message (code None). Their pattern-based block list of
-    "dangerous" code is not reproduced: our sandbox isolates instead (docs/reproduce.md).
+    other than Python, and code their block list refuses (:data:`AUTHORS_BLOCKED_CODE`), get their
+    message (code None).
     """
     language = str(arguments.get("language", "python")).strip().lower()
     if language != "python":
@@ -234,7 +280,9 @@ def authors_program(arguments: dict[str, Any]) -> tuple[str | None, float, str]:
         timeout = float(int(float(str(arguments.get("timeout", AUTHORS_RUN_TIMEOUT)).strip())))
     except (TypeError, ValueError):
         timeout = AUTHORS_RUN_TIMEOUT
-    return code, min(max(1.0, timeout), AUTHORS_MAX_TIMEOUT), ""
+    timeout = min(max(1.0, timeout), AUTHORS_MAX_TIMEOUT)
+    blocked = authors_blocked(code)
+    return (None, timeout, blocked) if blocked else (code, timeout, "")
 
 
 def authors_tool_output(stdout: str, stderr: str, status: str) -> str:
@@ -323,6 +371,8 @@ class TirProtocol:
     """(code to run or None, timeout in seconds, the tool's answer when nothing runs) for a call."""
     tool_message: Callable[[str, str, str, bool], str]
     """The tool message for a program's (stdout, stderr, status, sandbox-truncated)."""
+    blocked_code: tuple[tuple[re.Pattern[str], str], ...]
+    """The (pattern, reason) list ``program`` refuses code by (empty: it refuses none)."""
     summary: str
 
     def messages(self, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -342,8 +392,10 @@ TIR_PROTOCOLS: dict[str, TirProtocol] = {
         find_call=authors_tool_call,
         program=authors_call_program,
         tool_message=authors_tool_message,
+        blocked_code=AUTHORS_BLOCKED_CODE,
         summary="the authors' released run: their prompt and code_interpreter schema, the first code "
-        "block anywhere runs, turns end at end of turn, raw output cut to 256 characters, 30 s",
+        "block anywhere runs unless their block list refuses it, turns end at end of turn, raw output cut "
+        "to 256 characters, 30 s",
     ),
     CTPO: TirProtocol(
         CTPO,
@@ -356,6 +408,7 @@ TIR_PROTOCOLS: dict[str, TirProtocol] = {
         find_call=ctpo_tool_call,
         program=ctpo_call_program,
         tool_message=format_tool_output,
+        blocked_code=(),
         summary="ctpo's: a turn ending with a ```python block runs it, generation stops at ```output, "
         "an ```output block of up to 2,000 characters, 10 s, no tool schema in the chat template",
     ),

@@ -61,6 +61,10 @@ def _timeout(tir: Any) -> float:
     return get_protocol(str(tir)).run_timeout
 
 
+def _blocked_patterns(tir: Any) -> int:
+    return len(get_protocol(str(tir)).blocked_code)
+
+
 SETTINGS: tuple[Setting, ...] = (
     # data and batch
     Setting(
@@ -214,6 +218,15 @@ SETTINGS: tuple[Setting, ...] = (
         read=_timeout,
     ),
     Setting(
+        "code patterns the tool refuses",
+        "ctpo.tir",
+        "not stated",
+        24,
+        "local_sandbox_tool.py strict mode (block_dangerous_code: true): while True, threading, eval(, "
+        "open(..., 'w'), os.environ, ...",
+        read=_blocked_patterns,
+    ),
+    Setting(
         "assistant turns", ROLLOUT + "multi_turn.max_assistant_turns", "up to 5 (§6)", 5, f"{SH} MAX_TURNS"
     ),
     Setting("user (tool) turns", ROLLOUT + "multi_turn.max_user_turns", "not stated", 5, f"{SH} MAX_TURNS"),
@@ -304,9 +317,9 @@ NOT_REPRODUCED: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "sandbox",
-        "sandbox/sandbox_api.py (firejail/bwrap/subprocess) with a pattern block list "
-        "(while True, threading, os.environ, open(..., 'w'), ...)",
-        "ours isolates every program (bubblewrap, no network, rlimits) and blocks nothing by pattern",
+        "sandbox/sandbox_api.py (firejail/bwrap/subprocess)",
+        "ours isolates every program (bubblewrap, namespaces, cgroups, no network); their tool's pattern "
+        "block list is reproduced by the authors protocol (above)",
     ),
     ("void-turn masking", f"{SH} MASK_VOID_TURNS=False", "off in theirs; not implemented here"),
     ("weight-sync bucket", f"{SH} update_weights_bucket_megabytes=4096", "speed only; verl's default here"),

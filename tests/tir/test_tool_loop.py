@@ -21,6 +21,7 @@ from ctpo_cli.tir.protocol import (
     authors_program,
     authors_tool_call,
     cut_tool_response,
+    execute,
     extract_code,
     format_tool_output,
     get_protocol,
@@ -187,6 +188,46 @@ def test_authors_json_call_wins_over_blocks() -> None:
     assert authors_tool_call(text) == ToolCall(AUTHORS_TOOL_NAME, {"code": "print(5)"})
     assert authors_program({"code": "```python\nprint(5)\n```", "timeout": "100"}) == ("print(5)", 45.0, "")
     assert authors_program({"code": "x", "language": "bash"})[0] is None
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        ("while True:\n    pass", "infinite loop pattern"),
+        ("import threading\nprint(1)", "threading"),
+        ("print(eval('1+1'))", "eval"),
+        ("with open('a.txt', 'w') as f:\n    f.write('x')", "file write via open"),
+        ("import os\nprint(os.environ)", "environment variable access"),
+        ("import subprocess\nsubprocess.run(['ls'])", "subprocess"),
+        ("from multiprocessing import Pool", "multiprocessing"),
+        ("import requests", "network access"),
+        ("WHILE TRUE:", "infinite loop pattern"),  # case-insensitive, as theirs
+        ("print(sympy.N(x).evalf())", None),  # evalf( is not eval(
+        ("with open('a.txt') as f:\n    print(f.read())", None),  # reading is allowed
+        ("while n > 0:\n    n -= 1", None),
+    ],
+)
+def test_authors_block_list(code: str, reason: str | None) -> None:
+    """Their tool refuses code by pattern (horizon-llm/CTPO verl/tools/local_sandbox_tool.py, strict mode):
+    the model sees their message and the code does not run; the ctpo protocol runs it."""
+    program = authors_program({"code": code})
+    if reason is None:
+        assert program == (code, 30.0, "")
+    else:
+        assert program == (None, 30.0, f"sandbox blocked potentially dangerous code: {reason}")
+    assert CTPO_TIR.program(ToolCall("python", {"code": code}))[0] == code
+
+
+def test_a_blocked_program_never_reaches_the_sandbox(sandbox: SandboxClient) -> None:
+    call = ToolCall(AUTHORS_TOOL_NAME, {"code": "import threading\nprint('ran')"})
+    result = execute(sandbox, call, len, AUTHORS_TIR)
+    assert (result.content, result.error) == ("sandbox blocked potentially dangerous code: threading", True)
+    assert (
+        "ran"
+        in execute(
+            sandbox, ToolCall("python", {"code": "import threading\nprint('ran')"}), len, CTPO_TIR
+        ).content
+    )
 
 
 def test_authors_tool_message_is_raw_and_cut_in_the_middle() -> None:
