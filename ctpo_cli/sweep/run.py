@@ -96,7 +96,7 @@ def _run_local(
         remote = ray.remote(num_cpus=1, max_retries=0)
         tasks: list[Any] = [remote(f) for f in (local.start_policy, local.train, local.evaluate)]
         start_task, train_task, eval_task = tasks
-        with _progress(console) as progress:
+        with progress_bar(console) as progress:
             bar = progress.add_task("starting policies", total=len(starts))
             pending: dict[Any, tuple[str, Cell]] = {}
             for start in starts:
@@ -139,7 +139,7 @@ def _run_local(
                     return
                 state.status, state.eval_dir, state.error = "evaluated", result, None
                 sweep.write_state(cell, state)
-                _close_child(state)
+                close_child(state, "heldout")
                 progress.console.print(f"{cell.name}: {_heldout_text(Path(result))}", highlight=False)
                 progress.advance(bar)
 
@@ -196,8 +196,9 @@ def _started(progress: Progress, bar: Any, cell: Cell, result: str | None, error
     progress.advance(bar)
 
 
-def _close_child(state: CellState) -> None:
-    """Tag the child run with its training run and log its held-out avg@k, then end it."""
+def close_child(state: CellState, prefix: str) -> None:
+    """Tag the child run with its training run and log its evaluation's avg@k (``<prefix>/avg_at_k``,
+    ``<prefix>/stderr``), then end it."""
     from analysis.report import overall_row, read_eval
     from ctpo_cli.runs.rundir import read_run_info
 
@@ -210,7 +211,7 @@ def _close_child(state: CellState) -> None:
     if row is not None:
         tracking.log_metrics(
             state.child_run_id,
-            {"heldout/avg_at_k": float(row["avg_at_k"]), "heldout/stderr": float(row["stderr"])},
+            {f"{prefix}/avg_at_k": float(row["avg_at_k"]), f"{prefix}/stderr": float(row["stderr"])},
         )
     tracking.end_run(state.child_run_id, "finished")
 
@@ -222,7 +223,7 @@ def _heldout_text(eval_dir: Path) -> str:
     return "evaluated" if row is None else f"held-out avg@k {float(row['avg_at_k']):.1%} ({eval_dir})"
 
 
-def _progress(console: Console) -> Progress:
+def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

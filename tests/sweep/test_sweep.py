@@ -142,12 +142,13 @@ def test_verl_jobs_run_ctpo_train_with_a_hugging_face_checkpoint(tmp_path: Path)
     grid = spec(backend="verl", model="tiny-cpu")
     cells = grid.cells
     entrypoints = [shlex.split(train_entrypoint(grid, sweep, cell)) for cell in cells]
-    assert [e[:4] for e in entrypoints] == [["ctpo", "train", "--method", c.method] for c in cells]
+    ctpo = [sys.executable, "-m", "ctpo_cli.cli"]  # the sweep's own Python runs the job
+    assert [e[:6] for e in entrypoints] == [[*ctpo, "train", "--method", c.method] for c in cells]
     first = entrypoints[0]
     assert first[first.index("--out") + 1] == str((tmp_path / "sweep" / "runs" / "grpo-s0").resolve())
     assert first[-1] == HF_CHECKPOINT
     result = subprocess.run(
-        [sys.executable, "-m", "ctpo_cli.cli", *first[1:], "--dry-run"],
+        [*first, "--dry-run"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -158,12 +159,23 @@ def test_verl_jobs_run_ctpo_train_with_a_hugging_face_checkpoint(tmp_path: Path)
     run = tmp_path / "run"
     (run / "verl_checkpoints" / "global_step_4" / "actor" / "huggingface").mkdir(parents=True)
     (run / "verl_checkpoints" / "latest_checkpointed_iteration.txt").write_text("4")
-    command = shlex.split(eval_entrypoint(run))
-    assert command[:4] == [
-        "ctpo",
+    (run / "experiment.yaml").write_text("ctpo:\n  tir: ctpo\n  reward: strict\n")
+    command = shlex.split(eval_entrypoint(run, 5))
+    checkpoint = str(run / "verl_checkpoints/global_step_4/actor/huggingface")
+    assert command == [
+        *ctpo,
         "eval",
         "--model",
-        str(run / "verl_checkpoints/global_step_4/actor/huggingface"),
+        checkpoint,
+        "--n",
+        "5",
+        "--tir",
+        "ctpo",
+        "--reward",
+        "strict",
+    ] + [
+        "--out",
+        str(run / "eval"),
     ]
 
 
