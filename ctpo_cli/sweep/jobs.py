@@ -236,8 +236,12 @@ class JobSweep:
         )
 
     def poll(self, submission: str) -> str:
-        if self.status[submission] not in FINAL:
+        """The job's status, asked of the server until it is final; a change is printed."""
+        before = self.status[submission]
+        if before not in FINAL:
             self.status[submission] = str(self.client.get_job_status(submission))
+            if self.status[submission] != before:
+                self.console.print(f"{submission}: {self.status[submission]}", highlight=False)
         return self.status[submission]
 
     def save_log(self, cell: Cell, submission: str, status: str) -> Path:

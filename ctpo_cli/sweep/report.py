@@ -1,7 +1,7 @@
 """The sweep's one aggregate report (``<sweep>/report/``), per override set of the grid:
 
-* ``methods.csv``: per method (the starting policy first), held-out avg@k over seeds with its 95%
-  t-interval (:mod:`analysis.aggregate`);
+* ``methods.csv``: per method, avg@k over seeds with its 95% t-interval (:mod:`analysis.aggregate`):
+  local, on the seed's held-out problems, the starting policy first; verl, on the paper's benchmarks;
 * ``pairs.csv``: every pair of trained methods, the difference paired by seed and problem, with its
   95% interval;
 * ``drift.csv``: how far each method's policy moved within a rollout batch (|log ratio|, clip rates);

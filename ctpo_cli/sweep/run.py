@@ -7,8 +7,9 @@ each followed by its evaluation task. verl backend: every cell is a Ray job subm
 cluster (:mod:`ctpo_cli.sweep.jobs`).
 
 MLflow: one parent run (experiment ``ctpo-sweep``), one child run per cell (tagged with
-``mlflow.parentRunId``, the cell, its training run and run directory; the held-out avg@k as metrics).
-The training and eval runs themselves keep their own experiments (``ctpo-local``, ``ctpo-eval``).
+``mlflow.parentRunId``, the cell, its training run and run directory; its eval's avg@k as metrics,
+``heldout/*`` for local cells, ``eval/*`` for verl's). The training and eval runs themselves keep their
+own experiments (``ctpo-local`` or ``ctpo-verl-<model>``, ``ctpo-eval``).
 """
 
 from __future__ import annotations

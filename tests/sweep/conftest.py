@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -74,14 +75,10 @@ def _wait_for(url: str, head: subprocess.Popen[bytes], temp: Path) -> None:
 
 def _stop(head: subprocess.Popen[bytes], temp: Path) -> None:
     os.killpg(head.pid, signal.SIGTERM)  # ray start --block drains the node, then stops its processes
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         head.wait(STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     left = []
     for process in psutil.process_iter(["cmdline"]):
         if any(str(temp) in part for part in process.info["cmdline"] or []):

@@ -162,21 +162,8 @@ def test_verl_jobs_run_ctpo_train_with_a_hugging_face_checkpoint(tmp_path: Path)
     (run / "experiment.yaml").write_text("ctpo:\n  tir: ctpo\n  reward: strict\n")
     command = shlex.split(eval_entrypoint(run, 5))
     checkpoint = str(run / "verl_checkpoints/global_step_4/actor/huggingface")
-    assert command == [
-        *ctpo,
-        "eval",
-        "--model",
-        checkpoint,
-        "--n",
-        "5",
-        "--tir",
-        "ctpo",
-        "--reward",
-        "strict",
-    ] + [
-        "--out",
-        str(run / "eval"),
-    ]
+    eval_args = ["--n", "5", "--tir", "ctpo", "--reward", "strict", "--out", str(run / "eval")]
+    assert command == [*ctpo, "eval", "--model", checkpoint, *eval_args]
 
 
 # ---------------------------------------------------------------------------------------------
