@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import sys
 import time
@@ -108,6 +109,15 @@ def job_env() -> dict[str, str]:
     return env
 
 
+def failure_line(log: str) -> str:
+    """What went wrong, from a failed job's log: its last exception line (``ValueError: ...``), else
+    the last ``error:`` line ctpo printed, else its last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    exceptions = [line for line in lines if re.match(r"[\w.]*(Error|Exception|Interrupt): ", line)]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (exceptions or errors or lines or ["the job wrote no log"])[-1]
+
+
 def connect(address: str) -> Any:
     """The job server's client; one line when there is no address or it cannot be reached."""
     from ray.job_submission import JobSubmissionClient
@@ -129,9 +139,11 @@ class JobSweep:
     of job it waits for, ``current`` to that job, ``tries`` to the jobs of that kind this invocation
     started or adopted."""
 
-    def __init__(self, spec: SweepSpec, sweep: SweepDir, parent: str, address: str, console: Console) -> None:
+    def __init__(
+        self, spec: SweepSpec, sweep: SweepDir, parent: str, client: Any, address: str, console: Console
+    ) -> None:
         self.spec, self.sweep, self.parent, self.address, self.console = spec, sweep, parent, address, console
-        self.client = connect(address)
+        self.client = client
         self.status = {
             str(j.submission_id): str(j.status) for j in self.client.list_jobs() if j.submission_id
         }
@@ -205,8 +217,7 @@ class JobSweep:
             console.print(f"{cell.name}: trained and evaluated ({state.eval_dir})", highlight=False)
             del self.todo[cell]
             return True
-        message = tracking.first_line(RuntimeError(self.client.get_job_info(submission).message or ""))
-        state.error = f"{kind} job {submission} {status} ({message}); its log: {log}"
+        state.error = f"{kind} job {submission} {status} ({failure_line(log.read_text())}); its log: {log}"
         self.sweep.write_state(cell, state)
         if self.tries[cell] < MAX_ATTEMPTS:
             console.print(f"[yellow]{cell.name}: {state.error}; retrying", highlight=False)
@@ -255,6 +266,9 @@ class JobSweep:
         return path
 
 
-def run_jobs(spec: SweepSpec, sweep: SweepDir, parent: str, address: str, console: Console) -> None:
-    """The verl backend's grid as Ray jobs (module docstring)."""
-    JobSweep(spec, sweep, parent, address, console).run()
+def run_jobs(
+    spec: SweepSpec, sweep: SweepDir, parent: str, client: Any, address: str, console: Console
+) -> None:
+    """The verl backend's grid as Ray jobs on the job server ``client`` (:func:`connect`) at ``address``
+    (module docstring)."""
+    JobSweep(spec, sweep, parent, client, address, console).run()

@@ -38,6 +38,10 @@ def run_sweep(spec: SweepSpec, out: Path, address: str | None, workers: int | No
     from ctpo_cli.sweep.report import write_report
 
     check(spec)
+    if spec.backend == "verl":
+        from ctpo_cli.sweep.jobs import connect, run_jobs
+
+        jobs_client = connect(address or "")  # before anything is written: an unreachable server is one line
     sweep = SweepDir(out)
     record = sweep.open(spec)
     cells = spec.cells
@@ -49,9 +53,7 @@ def run_sweep(spec: SweepSpec, out: Path, address: str | None, workers: int | No
         record["parent_run_id"] = parent
         sweep.save(record)
         if spec.backend == "verl":
-            from ctpo_cli.sweep.jobs import run_jobs
-
-            run_jobs(spec, sweep, parent, address or "", console)
+            run_jobs(spec, sweep, parent, jobs_client, str(address), console)
         else:
             _run_local(spec, sweep, parent, address, workers, console)
         failed = [c.name for c in cells if sweep.state(c).status != "evaluated"]
@@ -235,13 +237,23 @@ def progress_bar(console: Console) -> Progress:
 
 
 def check(spec: SweepSpec) -> None:
-    """Refuse a grid that cannot run, naming the bad preset or override (local: every override set is
-    composed now, before anything starts)."""
+    """Refuse a grid that cannot run, naming the bad preset, model or override: every override set is
+    composed now, before anything starts (verl: with verl's own config and checks, as ``ctpo train
+    --dry-run``, so that a typo is one line here rather than two failed jobs per cell)."""
+    override_sets = dict.fromkeys(c.overrides for c in spec.cells)
     if spec.backend == "local":
         from ctpo_cli.train.local.config import build_config
 
-        for overrides in dict.fromkeys(c.overrides for c in spec.cells):
+        for overrides in override_sets:
             build_config(spec.preset, list(overrides))
+    else:
+        from ctpo_cli.sweep.jobs import HF_CHECKPOINT
+        from ctpo_cli.train.experiments import build_job, compose_experiment
+
+        for overrides in override_sets:
+            for method in spec.methods:
+                experiment = compose_experiment(method, spec.model, 0, [], [*overrides, HF_CHECKPOINT])
+                build_job(experiment)
     if spec.samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {spec.samples}")
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -32,11 +33,22 @@ def ray_cluster() -> Iterator[str]:
     """The job server URL of a Ray head started for the test: ``ray start --head --block`` in a session
     of its own, with its own temp dir (so no ``ray.init()`` elsewhere on the machine finds it) and free
     ports, token authentication off. It advertises what the ``tiny-cpu`` preset asks of Ray (logical:
-    16 CPUs, 1 GPU). Stopped by signalling that session's process group, then any process still naming
-    its temp dir (workers that made their own group): never ``ray stop``, which stops every Ray here."""
+    16 CPUs, 1 GPU). Stopped by signalling ``ray start`` (then, if need be, its session's process group
+    and any process still naming its temp dir): never ``ray stop``, which stops every Ray here."""
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths live under it
     dashboard = free_port()
-    command = ["ray", "start", "--head", "--block", "--temp-dir", str(temp), "--port", str(free_port())]
+    command = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        "--temp-dir",
+        str(temp),
+        "--port",
+        str(free_port()),
+    ]
     command += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
     command += [
         "--dashboard-agent-listen-port",
@@ -74,7 +86,7 @@ def _wait_for(url: str, head: subprocess.Popen[bytes], temp: Path) -> None:
 
 
 def _stop(head: subprocess.Popen[bytes], temp: Path) -> None:
-    os.killpg(head.pid, signal.SIGTERM)  # ray start --block drains the node, then stops its processes
+    head.terminate()  # ray start --block drains the node, then stops the processes it started (~5 s)
     with contextlib.suppress(subprocess.TimeoutExpired):
         head.wait(STOP_GRACE_S)
     with contextlib.suppress(ProcessLookupError):
