@@ -126,9 +126,16 @@ def connect(address: str) -> Any:
         raise ConfigError(
             "--backend verl submits Ray jobs: give the cluster's --address (e.g. http://head:8265)"
         )
+    from ray.exceptions import AuthenticationError
+
     try:
         return JobSubmissionClient(address)
-    except Exception as error:  # refused, unauthorised, not a job server: the user's cluster, not a bug
+    except AuthenticationError as error:
+        raise BackendUnavailable(
+            f"the Ray job server at --address {address} asks for its token ({tracking.first_line(error)}): "
+            "set RAY_AUTH_MODE=token, with the token in ~/.ray/auth_token or $RAY_AUTH_TOKEN"
+        ) from None
+    except Exception as error:  # refused, not a job server, a bad URL: the user's cluster, not a bug
         raise BackendUnavailable(
             f"cannot reach the Ray job server at --address {address}: {tracking.first_line(error)}"
         ) from None
