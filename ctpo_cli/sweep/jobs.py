@@ -3,8 +3,9 @@
 checkpoint (verl writes it in Hugging Face format too: the train job asks for ``hf_model`` in the
 checkpoint contents) with ``--n`` the sweep's ``--samples``, the run's tool protocol and reward.
 
-The jobs run this sweep's Python (``sys.executable -m ctpo_cli.cli``) with its ``PYTHONPATH`` and
-MLflow tracking URI, so the cluster's nodes must share this machine's filesystem and environment: each
+The jobs run this sweep's Python (``sys.executable -m ctpo_cli.cli``) in the sweep's working directory
+with its ``PYTHONPATH`` and MLflow tracking URI, so the cluster's nodes must share this machine's
+filesystem and environment: each
 cell trains into ``<sweep>/runs/<cell>/`` (its warm start and data cached there too) and its one
 finished run directory is found there afterwards. The cluster must offer what the runs ask of Ray:
 for the ``tiny-cpu`` model, logical GPUs (``ray start --head --num-gpus 1 --num-cpus 16``; see
@@ -46,6 +47,14 @@ CTPO = [sys.executable, "-m", "ctpo_cli.cli"]
 """How a job runs ctpo: this sweep's Python (module docstring)."""
 
 
+def job_command(args: list[str]) -> str:
+    """A job's shell command: ``ctpo ARGS`` with this sweep's Python, in the directory the sweep was
+    started from, so that what a job resolves against its working directory lands where it would for
+    the sweep (MLflow's default artifact root ``./mlruns`` beside ``./mlflow.db``, ``data/``), not in
+    the directory the cluster was started from."""
+    return f"cd {shlex.quote(str(Path.cwd()))} && {shlex.join([*CTPO, *args])}"
+
+
 def cell_runs_dir(sweep: SweepDir, cell: Cell) -> Path:
     """Where the cell's training job puts its run directory."""
     return sweep.runs.resolve() / cell.name
@@ -54,8 +63,8 @@ def cell_runs_dir(sweep: SweepDir, cell: Cell) -> Path:
 def train_entrypoint(spec: SweepSpec, sweep: SweepDir, cell: Cell) -> str:
     """``ctpo train`` of the cell on verl (the command a Ray job runs)."""
     model = ["--model", spec.model] if spec.model else []
-    args = [*CTPO, "train", "--method", cell.method, *model, "--seed", str(cell.seed)]
-    return shlex.join([*args, "--out", str(cell_runs_dir(sweep, cell)), *cell.overrides, HF_CHECKPOINT])
+    args = ["train", "--method", cell.method, *model, "--seed", str(cell.seed)]
+    return job_command([*args, "--out", str(cell_runs_dir(sweep, cell)), *cell.overrides, HF_CHECKPOINT])
 
 
 def hf_checkpoint(run_dir: Path) -> Path:
@@ -76,7 +85,7 @@ def eval_entrypoint(run_dir: Path, samples: int) -> str:
     trained = OmegaConf.load(run_dir / EXPERIMENT_FILE).ctpo
     args = ["eval", "--model", str(hf_checkpoint(run_dir)), "--n", str(samples)]
     args += ["--tir", str(trained.tir), "--reward", str(trained.reward), "--out", str(run_dir / "eval")]
-    return shlex.join([*CTPO, *args])
+    return job_command(args)
 
 
 def finished_run(sweep: SweepDir, cell: Cell) -> Path:

@@ -61,7 +61,7 @@ def ray_cluster() -> Iterator[str]:
     env["RAY_AUTH_MODE"] = "disabled"
     with open(temp / "ray-start.log", "w") as log:
         head = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=temp, start_new_session=True
         )
     url = f"http://127.0.0.1:{dashboard}"
     try:

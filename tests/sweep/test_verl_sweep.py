@@ -56,6 +56,11 @@ def test_verl_sweep_runs_as_ray_jobs_and_resumes(run_ctpo: RunCtpo, ray_cluster:
     assert child.data.tags["run_dir"] == str(run) and "eval/avg_at_k" in child.data.metrics
     trained = client.get_run(child.data.tags["train_run_id"])  # the verl run, logged from inside the job
     assert trained.info.status == "FINISHED" and "actor/ctpo/is_weight_mean" in trained.data.metrics
+    evaluations = client.get_experiment_by_name("ctpo-eval")
+    assert evaluations is not None
+    (evaluation,) = client.search_runs([evaluations.experiment_id])
+    artifacts = Path(evaluation.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(tmp_path) and (artifacts / "summary.csv").is_file()  # not in Ray's cwd
 
     second = run_ctpo(*args, cwd=tmp_path, timeout=TIMEOUT_S)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
