@@ -5,9 +5,8 @@ checkpoint contents) with ``--n`` the sweep's ``--samples``, the run's tool prot
 
 The jobs run this sweep's Python (``sys.executable -m ctpo_cli.cli``) in the sweep's working directory
 with its ``PYTHONPATH`` and MLflow tracking URI, so the cluster's nodes must share this machine's
-filesystem and environment: each
-cell trains into ``<sweep>/runs/<cell>/`` (its warm start and data cached there too) and its one
-finished run directory is found there afterwards. The cluster must offer what the runs ask of Ray:
+filesystem and environment: each cell trains into ``<sweep>/runs/<cell>/`` (its warm start and data
+cached there too) and its newest finished run directory is found there afterwards. The cluster must offer what the runs ask of Ray:
 for the ``tiny-cpu`` model, logical GPUs (``ray start --head --num-gpus 1 --num-cpus 16``; see
 ``experiments/model/tiny-cpu.yaml``); inside the job ``ctpo train`` joins the cluster
 (``ctpo_cli.train.launcher.join_cluster_overrides``).
