@@ -87,6 +87,22 @@ def seed_difference(a: pd.DataFrame, b: pd.DataFrame) -> np.ndarray:
     return (both["pass_rate_a"] - both["pass_rate_b"]).to_numpy(dtype=float)
 
 
+PAIR_COLUMNS = [
+    "a",
+    "b",
+    "delta",
+    "stderr",
+    "ci_low",
+    "ci_high",
+    "seeds",
+    "problems",
+    "a_ahead",
+    "basis",
+    "per_seed",
+]
+"""The columns of :func:`pair_table`."""
+
+
 def pair_table(runs: Sequence[Evaluated], methods: Sequence[str] | None = None) -> pd.DataFrame:
     """Every pair (a, b) of ``methods`` (default: all, first-appearance order; a before b):
     delta = mean over paired seeds of the per-seed mean difference, its 95% interval (module
@@ -126,7 +142,7 @@ def pair_table(runs: Sequence[Evaluated], methods: Sequence[str] | None = None) 
                 "per_seed": per_seed,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)  # the columns even without a pair (one method)
 
 
 def percent(value: float, signed: bool = False) -> str:
@@ -175,7 +191,7 @@ def drift_row(run_dir: Path) -> dict[str, float]:
     per-token log ratio d_t, sqrt(sum d^2 / n); the share of tokens outside the method's own clip
     window; the share of K_t outside the fixed reference window and outside the √t window. From the
     metrics, the step mean of ``ctpo/cum_log_ratio_abs_mean`` (mean |K_t|) and ``actor/pg_clipfrac``
-    (all mini-batches, the first included).
+    (all mini-batches, the first included); verl's runs log the former as ``actor/ctpo/...``.
     """
     from ctpo_cli.algo.diagnostics import read_positions
     from ctpo_cli.runs.rundir import read_metrics
@@ -186,12 +202,17 @@ def drift_row(run_dir: Path) -> dict[str, float]:
     metrics = metrics[metrics["step"] > 0]
     return {
         "rms_log_ratio": math.sqrt(off["d_sumsq"] / off["n"]),
-        "mean_abs_cum_log_ratio": float(metrics["ctpo/cum_log_ratio_abs_mean"].mean()),
+        "mean_abs_cum_log_ratio": float(_metric(metrics, "ctpo/cum_log_ratio_abs_mean").mean()),
         "own_clip": float((off["own_low"] + off["own_high"]) / off["n"]),
         "fixed_window_out": float((off["fixed_low"] + off["fixed_high"]) / off["n"]),
         "sqrt_window_out": float((off["sqrt_low"] + off["sqrt_high"]) / off["n"]),
         "pg_clipfrac": float(metrics["actor/pg_clipfrac"].mean()),
     }
+
+
+def _metric(metrics: pd.DataFrame, name: str) -> pd.Series:
+    """The column ``name`` of a run's metrics, or ``actor/<name>`` (the name verl's trainer logs it under)."""
+    return metrics[name] if name in metrics else metrics[f"actor/{name}"]
 
 
 DRIFT_COLUMNS = {

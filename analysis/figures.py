@@ -383,7 +383,7 @@ def comparison_figure(methods: pd.DataFrame, pairs: pd.DataFrame, title: str) ->
                 left.plot([100 * item.ci_low, 100 * item.ci_high], [y, y], color=color, lw=2.5)
             left.plot([100 * item.mean], [y], "|", color="black", ms=14, mew=2)
         left.set_yticks(range(len(methods)), list(methods["method"])[::-1])
-        left.set(xlabel="held-out avg@k (%)", title="per method: seeds (dots), mean, 95% t-interval")
+        left.set(xlabel="avg@k (%)", title="per method: seeds (dots), mean, 95% t-interval")
         for row, item in enumerate(pairs.itertuples(index=False)):
             y = len(pairs) - 1 - row
             excludes_zero = item.ci_low > 0 or item.ci_high < 0
@@ -391,6 +391,8 @@ def comparison_figure(methods: pd.DataFrame, pairs: pd.DataFrame, title: str) ->
             right.plot([100 * item.ci_low, 100 * item.ci_high], [y, y], color="0.2", lw=2.5, alpha=alpha)
             right.plot([100 * item.delta], [y], "o", color="0.2", alpha=alpha)
             right.plot([100 * d for d in item.per_seed], [y] * len(item.per_seed), "x", color="0.5", ms=4)
+        if pairs.empty:
+            right.text(0.5, 0.5, "one method: no pair to compare", ha="center", transform=right.transAxes)
         right.axvline(0, color="0.5", lw=1, linestyle=":")
         right.set_yticks(
             range(len(pairs)), [f"{a} − {b}" for a, b in zip(pairs["a"], pairs["b"], strict=True)][::-1]

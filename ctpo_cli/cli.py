@@ -191,7 +191,12 @@ def sweep(
     backend: str = typer.Option("local", help="local (Ray tasks) or verl (Ray jobs on --address)."),
     preset: str = typer.Option("tiny", help="local: configuration preset."),
     model: str | None = typer.Option(None, help="Model (as for ctpo train; default: the backend's)."),
-    samples: int = typer.Option(8, min=1, help="local: samples per held-out problem (the k of avg@k)."),
+    samples: int | None = typer.Option(
+        None,
+        min=1,
+        help="Samples per evaluated problem, the k of avg@k (local: held-out problems, default 8; verl: "
+        "the paper's benchmarks, default 32 as its Table 2).",
+    ),
     out: Path = typer.Option(Path("sweeps") / "sweep", help="Sweep directory (rerun to resume)."),
     address: str | None = typer.Option(
         None, help="Ray cluster (local: default start one for the sweep; verl: the job server, required)."
@@ -216,7 +221,7 @@ def sweep(
         seeds=tuple(parse_seeds(seeds)),
         override_sets=tuple(parse_grid(grid)),
         common=tuple(overrides or []),
-        samples=samples,
+        samples=samples or (32 if backend == "verl" else 8),
     )
     if dry_run:
         from ctpo_cli.sweep.run import print_grid

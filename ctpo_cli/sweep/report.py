@@ -1,7 +1,7 @@
 """The sweep's one aggregate report (``<sweep>/report/``), per override set of the grid:
 
-* ``methods.csv``: per method (the starting policy first), held-out avg@k over seeds with its 95%
-  t-interval (:mod:`analysis.aggregate`);
+* ``methods.csv``: per method, avg@k over seeds with its 95% t-interval (:mod:`analysis.aggregate`):
+  local, on the seed's held-out problems, the starting policy first; verl, on the paper's benchmarks;
 * ``pairs.csv``: every pair of trained methods, the difference paired by seed and problem, with its
   95% interval;
 * ``drift.csv``: how far each method's policy moved within a rollout batch (|log ratio|, clip rates);
@@ -51,12 +51,14 @@ def write_report(sweep: SweepDir, spec: SweepSpec, console: Console) -> list[Pat
         drift = aggregate.drift_table([(c.method, Path(str(states[c].run_dir))) for c in members])
         label = " ".join(overrides) or "no overrides"
         seeds = len(spec.seeds)
-        title = f"{spec.preset} preset, {seeds} seeds, avg@{spec.samples} on held-out problems ({label})"
+        if spec.backend == "local":
+            title = f"{spec.preset} preset, {seeds} seeds, avg@{spec.samples} on held-out problems ({label})"
+            heading = f"Held-out avg@{spec.samples} per method, over {seeds} seeds ({START}: the warm-started policy)"
+        else:
+            title = f"verl, {spec.model or 'default model'}, {seeds} seeds, avg@{spec.samples} on the paper's benchmarks ({label})"
+            heading = f"avg@{spec.samples} on the paper's benchmarks per method, over {seeds} seeds"
         sections = [
-            (
-                f"Held-out avg@{spec.samples} per method, over {seeds} seeds ({START}: the warm-started policy)",
-                aggregate.method_display(methods),
-            ),
+            (heading, aggregate.method_display(methods)),
             (
                 "Pairwise differences a − b, paired by seed and problem (* : 95% interval excludes 0)",
                 aggregate.pair_display(pairs),

@@ -7,8 +7,9 @@ each followed by its evaluation task. verl backend: every cell is a Ray job subm
 cluster (:mod:`ctpo_cli.sweep.jobs`).
 
 MLflow: one parent run (experiment ``ctpo-sweep``), one child run per cell (tagged with
-``mlflow.parentRunId``, the cell, its training run and run directory; the held-out avg@k as metrics).
-The training and eval runs themselves keep their own experiments (``ctpo-local``, ``ctpo-eval``).
+``mlflow.parentRunId``, the cell, its training run and run directory; its eval's avg@k as metrics,
+``heldout/*`` for local cells, ``eval/*`` for verl's). The training and eval runs themselves keep their
+own experiments (``ctpo-local`` or ``ctpo-verl-<model>``, ``ctpo-eval``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def run_sweep(spec: SweepSpec, out: Path, address: str | None, workers: int | No
     from ctpo_cli.sweep.report import write_report
 
     check(spec)
+    if spec.backend == "verl":
+        from ctpo_cli.sweep.jobs import connect, run_jobs
+
+        jobs_client = connect(address or "")  # before anything is written: an unreachable server is one line
     sweep = SweepDir(out)
     record = sweep.open(spec)
     cells = spec.cells
@@ -48,9 +53,7 @@ def run_sweep(spec: SweepSpec, out: Path, address: str | None, workers: int | No
         record["parent_run_id"] = parent
         sweep.save(record)
         if spec.backend == "verl":
-            from ctpo_cli.sweep.jobs import run_jobs
-
-            run_jobs(spec, sweep, parent, address or "", console)
+            run_jobs(spec, sweep, parent, jobs_client, str(address), console)
         else:
             _run_local(spec, sweep, parent, address, workers, console)
         failed = [c.name for c in cells if sweep.state(c).status != "evaluated"]
@@ -96,7 +99,7 @@ def _run_local(
         remote = ray.remote(num_cpus=1, max_retries=0)
         tasks: list[Any] = [remote(f) for f in (local.start_policy, local.train, local.evaluate)]
         start_task, train_task, eval_task = tasks
-        with _progress(console) as progress:
+        with progress_bar(console) as progress:
             bar = progress.add_task("starting policies", total=len(starts))
             pending: dict[Any, tuple[str, Cell]] = {}
             for start in starts:
@@ -139,7 +142,7 @@ def _run_local(
                     return
                 state.status, state.eval_dir, state.error = "evaluated", result, None
                 sweep.write_state(cell, state)
-                _close_child(state)
+                close_child(state, "heldout")
                 progress.console.print(f"{cell.name}: {_heldout_text(Path(result))}", highlight=False)
                 progress.advance(bar)
 
@@ -196,8 +199,9 @@ def _started(progress: Progress, bar: Any, cell: Cell, result: str | None, error
     progress.advance(bar)
 
 
-def _close_child(state: CellState) -> None:
-    """Tag the child run with its training run and log its held-out avg@k, then end it."""
+def close_child(state: CellState, prefix: str) -> None:
+    """Tag the child run with its training run and log its evaluation's avg@k (``<prefix>/avg_at_k``,
+    ``<prefix>/stderr``), then end it."""
     from analysis.report import overall_row, read_eval
     from ctpo_cli.runs.rundir import read_run_info
 
@@ -210,7 +214,7 @@ def _close_child(state: CellState) -> None:
     if row is not None:
         tracking.log_metrics(
             state.child_run_id,
-            {"heldout/avg_at_k": float(row["avg_at_k"]), "heldout/stderr": float(row["stderr"])},
+            {f"{prefix}/avg_at_k": float(row["avg_at_k"]), f"{prefix}/stderr": float(row["stderr"])},
         )
     tracking.end_run(state.child_run_id, "finished")
 
@@ -222,7 +226,7 @@ def _heldout_text(eval_dir: Path) -> str:
     return "evaluated" if row is None else f"held-out avg@k {float(row['avg_at_k']):.1%} ({eval_dir})"
 
 
-def _progress(console: Console) -> Progress:
+def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -233,13 +237,23 @@ def _progress(console: Console) -> Progress:
 
 
 def check(spec: SweepSpec) -> None:
-    """Refuse a grid that cannot run, naming the bad preset or override (local: every override set is
-    composed now, before anything starts)."""
+    """Refuse a grid that cannot run, naming the bad preset, model or override: every override set is
+    composed now, before anything starts (verl: with verl's own config and checks, as ``ctpo train
+    --dry-run``, so that a typo is one line here rather than two failed jobs per cell)."""
+    override_sets = dict.fromkeys(c.overrides for c in spec.cells)
     if spec.backend == "local":
         from ctpo_cli.train.local.config import build_config
 
-        for overrides in dict.fromkeys(c.overrides for c in spec.cells):
+        for overrides in override_sets:
             build_config(spec.preset, list(overrides))
+    else:
+        from ctpo_cli.sweep.jobs import HF_CHECKPOINT
+        from ctpo_cli.train.experiments import build_job, compose_experiment
+
+        for overrides in override_sets:
+            for method in spec.methods:
+                experiment = compose_experiment(method, spec.model, 0, [], [*overrides, HF_CHECKPOINT])
+                build_job(experiment)
     if spec.samples < 1:
         raise ConfigError(f"--samples must be at least 1, got {spec.samples}")
 

@@ -12,7 +12,10 @@
    MLflow logger through ``MLFLOW_RUN_ID``, so that the run is tagged with method, model and seed and
    ends FAILED or KILLED when training does (verl's logger always ends it FINISHED);
 4. runs verl as a child process in its own process group, streaming its output to the console and to
-   ``runs/<name>/train.log``; stops early if the sandbox it started dies;
+   ``runs/<name>/train.log``; stops early if the sandbox it started dies. When verl will join an
+   existing Ray cluster (``$RAY_ADDRESS``, as inside a Ray job, or ``ray_kwargs.ray_init.address``),
+   the command also drops the ``ray.init`` arguments that only a new local Ray takes and hands the
+   environment of steps 2-3 to the cluster's workers (:func:`join_cluster_overrides`);
 5. whatever happens (failure, Ctrl-C): stops the child's process group and the sandbox it started,
    copies verl's per-step metrics into ``metrics.jsonl`` and records the final status.
 
@@ -138,6 +141,7 @@ def train_verl(
         files={EXPERIMENT_FILE: experiment_yaml(experiment), VERL_CONFIG_FILE: OmegaConf.to_yaml(job.config)},
         platform_env=platform_env(experiment.ctpo.platform),
         resume=previous is not None,
+        ray_init=OmegaConf.to_container(job.config.ray_kwargs.ray_init),  # type: ignore[arg-type]
     )
     if code != 0:
         raise TrainingFailed(f"verl exited with code {code}; see {run_dir / LOG_FILE}", code)
@@ -286,6 +290,35 @@ def launch_env(run_dir: Path, sandbox_url: str, mlflow_run_id: str) -> dict[str,
     }
 
 
+LOCAL_RAY_ONLY = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory")
+"""``ray.init`` arguments that size a new local Ray; ``ray.init`` refuses them when it joins a cluster."""
+RAY_INIT = "ray_kwargs.ray_init"
+
+
+def ray_cluster(ray_init: Mapping[str, Any]) -> str | None:
+    """The existing Ray cluster that verl's ``ray.init(**ray_kwargs.ray_init)`` joins: its ``address``,
+    else ``$RAY_ADDRESS`` (set inside a Ray job); None when verl starts a local Ray of its own."""
+    address = ray_init.get("address") or os.environ.get("RAY_ADDRESS")
+    return None if address in (None, "", "local") else str(address)
+
+
+def join_cluster_overrides(ray_init: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    """verl overrides for joining an existing Ray cluster: drop the :data:`LOCAL_RAY_ONLY` arguments the
+    experiment sets (``tiny-cpu`` sizes its local Ray), and give ``env`` to every Ray process of the run
+    through ``ray.init``'s runtime env, since a cluster's workers do not inherit this process's
+    environment (a local Ray's do). Inside a Ray job the job's runtime env is merged in as well;
+    ``RAY_OVERRIDE_JOB_RUNTIME_ENV=1`` (:func:`launch`) lets these values win where both set a variable."""
+    drop = [f"~{RAY_INIT}.{key}" for key in LOCAL_RAY_ONLY if ray_init.get(key) is not None]
+    return drop + [
+        f"++{RAY_INIT}.runtime_env.env_vars.{key}={_hydra_str(value)}" for key, value in env.items()
+    ]
+
+
+def _hydra_str(value: str) -> str:
+    """``value`` as a quoted Hydra override value (a string even when it looks like a number)."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
 def mlflow_tags(info: Mapping[str, Any]) -> dict[str, str]:
     """Tags that ``ctpo plot``/``report`` find runs by."""
     return {key: str(info[key]) for key in ("method", "model", "seed", "backend", "run_dir") if key in info}
@@ -307,10 +340,13 @@ def launch(
     files: Mapping[str, str] | None = None,
     platform_env: Mapping[str, str] | None = None,
     resume: bool = False,
+    ray_init: Mapping[str, Any] | None = None,
 ) -> int:
     """Run ``command`` as the training process of ``run_dir`` (see the module docstring); its exit code.
     ``platform_env`` is added to its environment (:func:`platform_env`). ``resume``: ``run_dir`` is an
     earlier run, continued (verl resumes from its checkpoints there) in the same MLflow run.
+    ``ray_init``: verl's ``ray_kwargs.ray_init``; when it joins a cluster (:func:`ray_cluster`) the
+    command gets :func:`join_cluster_overrides`.
 
     KeyboardInterrupt is re-raised after the run is recorded as killed.
     """
@@ -351,6 +387,10 @@ def launch(
                     tags["mlflow.parentRunId"] = str(previous["mlflow_run_id"])
                 run_id = tracking.create_run(mlflow_experiment, run_dir.name, mlflow_params(record), tags)
             env = {**launch_env(run_dir, sandbox.url, run_id), **(platform_env or {})}
+            if ray_init is not None and ray_cluster(ray_init):
+                forwarded = {**env, **{k: os.environ[k] for k in ("PYTHONPATH",) if os.environ.get(k)}}
+                command = [*command, *join_cluster_overrides(ray_init, forwarded)]
+                env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
             record.update(status="running", mlflow_run_id=run_id, mlflow_experiment=mlflow_experiment)
             record["sandbox_url"] = sandbox.url
             rundir.write_run_info(run_dir, record)

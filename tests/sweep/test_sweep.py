@@ -134,20 +134,31 @@ def test_one_seed_pairs_over_problems() -> None:
 # verl: Ray jobs
 
 
-def test_verl_jobs_run_ctpo_train_with_a_hugging_face_checkpoint(tmp_path: Path) -> None:
+def job_args(entrypoint: str, cwd: Path) -> list[str]:
+    """The command of a job's shell line, checking that it runs in ``cwd``, the sweep's directory."""
+    cd, sep, command = entrypoint.partition(" && ")
+    assert shlex.split(cd) == ["cd", str(cwd)] and sep
+    return shlex.split(command)
+
+
+def test_verl_jobs_run_ctpo_train_with_a_hugging_face_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The job entrypoints are ``ctpo train`` commands into the cell's own runs directory; the one of
     the first cell composes with verl's own config files (``--dry-run``: verl's Hydra composition,
     nothing launched) and asks verl for Hugging Face checkpoints, which the eval job then loads."""
+    monkeypatch.chdir(tmp_path)
     sweep = SweepDir(tmp_path / "sweep")
     grid = spec(backend="verl", model="tiny-cpu")
     cells = grid.cells
-    entrypoints = [shlex.split(train_entrypoint(grid, sweep, cell)) for cell in cells]
-    assert [e[:4] for e in entrypoints] == [["ctpo", "train", "--method", c.method] for c in cells]
+    entrypoints = [job_args(train_entrypoint(grid, sweep, cell), tmp_path) for cell in cells]
+    ctpo = [sys.executable, "-m", "ctpo_cli.cli"]  # the sweep's own Python runs the job
+    assert [e[:6] for e in entrypoints] == [[*ctpo, "train", "--method", c.method] for c in cells]
     first = entrypoints[0]
     assert first[first.index("--out") + 1] == str((tmp_path / "sweep" / "runs" / "grpo-s0").resolve())
     assert first[-1] == HF_CHECKPOINT
     result = subprocess.run(
-        [sys.executable, "-m", "ctpo_cli.cli", *first[1:], "--dry-run"],
+        [*first, "--dry-run"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -158,13 +169,11 @@ def test_verl_jobs_run_ctpo_train_with_a_hugging_face_checkpoint(tmp_path: Path)
     run = tmp_path / "run"
     (run / "verl_checkpoints" / "global_step_4" / "actor" / "huggingface").mkdir(parents=True)
     (run / "verl_checkpoints" / "latest_checkpointed_iteration.txt").write_text("4")
-    command = shlex.split(eval_entrypoint(run))
-    assert command[:4] == [
-        "ctpo",
-        "eval",
-        "--model",
-        str(run / "verl_checkpoints/global_step_4/actor/huggingface"),
-    ]
+    (run / "experiment.yaml").write_text("ctpo:\n  tir: ctpo\n  reward: strict\n")
+    command = job_args(eval_entrypoint(run, 5), tmp_path)
+    checkpoint = str(run / "verl_checkpoints/global_step_4/actor/huggingface")
+    eval_args = ["--n", "5", "--tir", "ctpo", "--reward", "strict", "--out", str(run / "eval")]
+    assert command == [*ctpo, "eval", "--model", checkpoint, *eval_args]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ per-step metrics copied into metrics.jsonl, and the child's whole process group 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -138,3 +139,47 @@ def test_training_stops_when_its_sandbox_dies(tmp_path: Path, capfd: pytest.Capt
         not Path(f"/proc/{sleeper}").exists() or "Z" in Path(f"/proc/{sleeper}/stat").read_text().split()[2]
     )
     assert "stopping training" in capfd.readouterr().out  # on the console as well
+
+
+ARGV_CHILD = "import json, os, sys; print('ARGV', json.dumps(sys.argv[1:]), os.environ.get('RAY_OVERRIDE_JOB_RUNTIME_ENV'))"
+
+
+def test_inside_a_ray_job_verl_joins_the_cluster_with_the_runs_environment(
+    tmp_path: Path, mlflow_db: str, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``$RAY_ADDRESS`` set (as in a Ray job) the command's extra overrides, composed by verl's Hydra
+    after the ``tiny-cpu`` experiment's, leave ``ray.init`` none of the arguments it refuses when joining
+    a cluster and hand the run's environment (string values) to the cluster's workers; without it,
+    the command is unchanged."""
+    from omegaconf import OmegaConf
+
+    from ctpo_cli.train.experiments import build_job, compose_experiment, compose_verl
+
+    job = build_job(compose_experiment("ctpo", "tiny-cpu", 0, [], [], tmp_path / "runs"))
+    composed = OmegaConf.to_container(job.config.ray_kwargs.ray_init)
+    assert isinstance(composed, dict)
+    ray_init = {str(key): value for key, value in composed.items()}
+    assert ray_init["num_cpus"] and ray_init["num_gpus"]  # tiny-cpu sizes the local Ray verl starts
+
+    def launched(run: str) -> tuple[list[str], str]:
+        child = [sys.executable, "-c", ARGV_CHILD]
+        assert (
+            launch(child, tmp_path / run, INFO, platform_env={"VERL_PLATFORM": "cpu"}, ray_init=ray_init) == 0
+        )
+        line = next(x for x in capfd.readouterr().out.splitlines() if x.startswith("ARGV "))
+        argv, _, override = line.removeprefix("ARGV ").rpartition(" ")
+        return json.loads(argv), override
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert launched("local") == ([], "None")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    extra, override = launched("joined")
+    assert override == "1"  # these values win over a Ray job's runtime env where both set a variable
+    joined = OmegaConf.to_container(compose_verl([*job.overrides, *extra]).ray_kwargs.ray_init)
+    assert isinstance(joined, dict) and not {"num_cpus", "num_gpus"} & set(joined)
+    env = joined["runtime_env"]["env_vars"]
+    info = rundir.read_run_info(tmp_path / "joined")
+    assert env["MLFLOW_RUN_ID"] == info["mlflow_run_id"] and env["MLFLOW_TRACKING_URI"] == mlflow_db
+    assert env["VERL_PLATFORM"] == "cpu" and env["CTPO_SANDBOX_URL"] == info["sandbox_url"]
+    assert env["VERL_FILE_LOGGER_PATH"] == str(tmp_path / "joined" / "verl_metrics.jsonl")
+    assert all(isinstance(value, str) for value in env.values())
