@@ -19,6 +19,7 @@ LOCAL = ["train", "--method", "ctpo", "--backend", "local"]
 VERL = ["train", "--method", "ctpo", "--dry-run"]
 EVAL = ["eval", "--model", "m", "--benchmarks"]
 PREP = ["data", "prepare", "--out", "{d}/prepared", "--from-file"]
+VERL_SWEEP = ["sweep", "--backend", "verl", "--model", "tiny-cpu", "--seeds", "0"]
 LIMIT_S = 60
 """A case still running after this long has started real work instead of rejecting its input."""
 
@@ -118,30 +119,11 @@ CASES: list[tuple[list[str], str]] = [
     (["sweep", "--workers", "0"], "Invalid value for '--workers'"),
     (["sweep", "--backend", "verl", "--methods", "ctpo", "--seeds", "0"], "give the cluster's --address"),
     (
-        [
-            "sweep",
-            "--backend",
-            "verl",
-            "--model",
-            "tiny-cpu",
-            "--seeds",
-            "0",
-            "trainer.total_training_step=1",
-        ],
+        [*VERL_SWEEP, "trainer.total_training_step=1"],
         "unknown verl key 'trainer.total_training_step' (from command line)",
     ),
     (
-        [
-            "sweep",
-            "--backend",
-            "verl",
-            "--model",
-            "tiny-cpu",
-            "--seeds",
-            "0",
-            "--address",
-            "http://127.0.0.1:1",
-        ],
+        [*VERL_SWEEP, "--address", "http://127.0.0.1:1"],
         "cannot reach the Ray job server at --address http://127.0.0.1:1: ",
     ),
     # ctpo bench
