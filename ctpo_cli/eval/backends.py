@@ -163,7 +163,7 @@ class HFBackend:
         )
         room = (
             [self.context_window - n for n in batch["attention_mask"].sum(dim=1).tolist()]
-            if (self.context_window)
+            if self.context_window is not None
             else [r.max_new_tokens for r in requests]
         )
         budgets = [max(0, min(r.max_new_tokens, free)) for r, free in zip(requests, room, strict=True)]

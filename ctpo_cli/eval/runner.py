@@ -263,14 +263,13 @@ def generate_all(
     console: Console,
 ) -> None:
     """Generate every missing (problem, sample) of every benchmark, appending records as they finish."""
-    todo, correct, empty = {}, {}, {}
+    todo, correct, empty = {}, {}, dict.fromkeys(frames, 0)
     for name, frame in frames.items():
         done = {key: r for key, r in stores[name].load().items() if r["error"] is None}
         todo[name] = [
             (row, s) for _, row in frame.iterrows() for s in range(settings.n) if (row["id"], s) not in done
         ]
         correct[name] = sum(r["correct"] for r in saved_records(done, frame, settings.n))
-        empty[name] = 0
     if not any(todo.values()):
         console.print("all samples are already generated")
         return
